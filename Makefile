@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine with Python 3.11:
+#   make demo   installs everything into .venv/ and runs the local demo (a swarm plus training)
+#   make test   installs everything into .venv/ and runs the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint proto clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade "pip>=24"
+	# torch first, pinned, so that nothing pulls a multi-GB CUDA build
+	$(VENV)/bin/pip install --quiet "torch==2.13.0"
+	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dmoe demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Regenerate the gRPC stubs after editing proto/dmoe/v1/*.proto (the stubs are committed).
+proto: $(STAMP)
+	$(VENV)/bin/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		proto/dmoe/v1/tensor.proto proto/dmoe/v1/expert.proto && rm -f proto/dmoe/v1/tensor_pb2_grpc.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,32 @@
+"""Expert records in the swarm's DHT: a supervised hivemind DHT node, the record layout, and the directory.
+
+* `DHTNode`: a `hivemind.DHT` child process with a deadline on every call, restarted (same peer id) when it dies
+  or hangs; failures surface as `DHTUnavailableError`.
+* `ExpertDirectory`: peers `declare` the experts they host (one owner-signed record per uid and peer, plus grid
+  prefix records); clients `get` replicas, `find_best_experts` by beam search over the grid, or `list_experts`,
+  through a TTL cache.
+* `make_record_validators` / `load_or_create_rsa_key`: what every node runs so that records are well-formed and
+  only their owner can change them, and the persistent key a peer signs with.
+* `parse_expert_pattern`, `is_valid_uid`, `split_uid`, `UID_DELIMITER`: expert uids like ``ffn.3.17``.
+"""
+
+from dht.directory import DirectoryStats, ExpertDirectory, ExpertReplica
+from dht.identity import load_or_create_rsa_key
+from dht.node import DHTNode, DHTUnavailableError
+from dht.uids import UID_DELIMITER, is_valid_uid, parse_expert_pattern, split_uid
+from dht.validation import ExpertRecordValidator, make_record_validators
+
+__all__ = [
+    "UID_DELIMITER",
+    "DHTNode",
+    "DHTUnavailableError",
+    "DirectoryStats",
+    "ExpertDirectory",
+    "ExpertRecordValidator",
+    "ExpertReplica",
+    "is_valid_uid",
+    "load_or_create_rsa_key",
+    "make_record_validators",
+    "parse_expert_pattern",
+    "split_uid",
+]

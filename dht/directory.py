@@ -1,0 +1,374 @@
+"""`ExpertDirectory`: declare experts, find their replicas, and beam-search the best ones, through the DHT."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from dht import calls
+from dht.beam_search import beam_search
+from dht.cache import RecordCache, unexpired
+from dht.calls import RawRecords
+from dht.node import DHTNode, DHTUnavailableError
+from dht.records import (
+    MAX_EXPIRATION_SECONDS,
+    check_expert_value,
+    check_prefix_value,
+    expert_subkey,
+    grid_prefixes,
+    make_expert_value,
+    make_prefix_value,
+    owner_marker,
+    parse_subkey,
+    prefix_subkey,
+)
+from dht.uids import UID_DELIMITER, grid_name, is_valid_uid, split_uid
+from dht.validation import signing_owner_marker
+
+logger = logging.getLogger(__name__)
+
+# An operation yields the DHT keys it needs next and receives their (unexpired) records; see `_drive`.
+Operation = Generator[list[str], Mapping[str, RawRecords], Any]
+
+
+@dataclass(frozen=True)
+class ExpertReplica:
+    """One peer's announcement that it serves expert `uid` at gRPC `endpoint`, valid until `expiration_time`.
+
+    `expiration_time` is in DHT time (`hivemind.utils.get_dht_time()`, i.e. Unix time). The load figures are
+    those the peer reported when it last declared the expert.
+    """
+
+    uid: str
+    endpoint: str
+    peer_id: str
+    expiration_time: float
+    expert_cls: str = ""
+    queue_size: int = 0
+    tokens_per_second: float = 0.0
+
+
+@dataclass
+class DirectoryStats:
+    """Counters of an `ExpertDirectory`: DHT round trips made and keys served from / missed in the cache."""
+
+    dht_rounds: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+
+class ExpertDirectory:
+    """The expert records of a dmoe swarm, read and written through a `DHTNode` (layout: `dht.records`).
+
+    * `declare` (peers): one owner-signed record per uid for this peer, plus the grid-prefix records that
+      make beam search possible, all in one DHT round trip. Records expire after `expiration` seconds unless
+      declared again; another peer can neither overwrite nor erase them.
+    * `get` (clients): every live replica of each uid.
+    * `find_best_experts` (routers): per query, the best `k` live uids of a grid for per-dimension scores.
+      Batched: one DHT round trip per grid level for all queries together, and none on a cache hit.
+    * `list_experts` (status): every live uid under a grid name with its replicas.
+
+    Caching: lookups of uid keys and grid-prefix keys, including empty results, are kept `cache_ttl`
+    seconds (see `RecordCache`): a replica appears or disappears at most `cache_ttl` seconds late, but an
+    expired record is never served. `declare` drops the keys it wrote from the cache. Pass
+    ``use_cache=False`` to go to the DHT regardless (the result still refreshes the cache).
+
+    Every method has a `timeout` (default: the node's `call_timeout`) covering all of its DHT round trips,
+    and raises `DHTUnavailableError` when the DHT cannot answer in time. The ``a``-prefixed methods are the
+    same, awaitable without blocking the event loop.
+
+    `rsa_key` must be the key the node signs with (``DHTNode(record_validators=make_record_validators(key))``);
+    None takes the node's. A node without an `RSASignatureValidator` gives a read-only directory.
+    """
+
+    def __init__(self, node: DHTNode, *, rsa_key: RSAPrivateKey | None = None, cache_ttl: float = 5.0):
+        self.node = node
+        self._marker = signing_owner_marker(node.record_validators)
+        if rsa_key is not None and owner_marker(rsa_key.get_public_key().to_bytes()) != self._marker:
+            raise ValueError(
+                "rsa_key is not the key that the DHT node signs records with: create the node with "
+                "record_validators=make_record_validators(rsa_key)"
+            )
+        self.cache = RecordCache(cache_ttl)
+        self.stats = DirectoryStats()
+        self._stats_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ declare
+
+    def declare(
+        self,
+        uids: Sequence[str],
+        endpoint: str,
+        *,
+        expiration: float = 60.0,
+        expert_cls: str = "",
+        load: Mapping[str, Mapping] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, bool]:
+        """Announce that this peer serves `uids` at gRPC `endpoint` (``host:port``) for `expiration` seconds.
+
+        `load` maps a uid to its figures ``{"queue_size": int, "tokens_per_second": float}`` (missing: zeros).
+        Returns uid -> True if its record and all its prefix records were stored by at least one DHT node.
+        Raises ValueError for invalid uids, endpoint or figures, before touching the DHT.
+        """
+        request = self._declaration(uids, endpoint, expiration, expert_cls, load)
+        if request is None:
+            return {}
+        status = self.node.run(request.call, timeout=timeout)
+        return self._declared(request, status)
+
+    async def adeclare(
+        self,
+        uids: Sequence[str],
+        endpoint: str,
+        *,
+        expiration: float = 60.0,
+        expert_cls: str = "",
+        load: Mapping[str, Mapping] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, bool]:
+        """The same as `declare`, awaitable from a running event loop."""
+        request = self._declaration(uids, endpoint, expiration, expert_cls, load)
+        if request is None:
+            return {}
+        status = await self.node.arun(request.call, timeout=timeout)
+        return self._declared(request, status)
+
+    def _declaration(self, uids, endpoint, expiration, expert_cls, load) -> _Declaration | None:
+        if isinstance(uids, str):
+            raise TypeError("uids must be a sequence of uids, not a single string")
+        if self._marker is None:
+            raise RuntimeError("this directory is read-only: its DHT node has no RSASignatureValidator to sign with")
+        if not 0 < expiration <= MAX_EXPIRATION_SECONDS:
+            raise ValueError(f"expiration must be in (0, {MAX_EXPIRATION_SECONDS:.0f}] seconds, got {expiration}")
+        load = load or {}
+        peer_id = self.node.peer_id
+        records: dict[tuple[str, str], dict] = {}
+        needs: dict[str, list[tuple[str, str]]] = {}
+        for uid in dict.fromkeys(uids):
+            if not is_valid_uid(uid):
+                raise ValueError(f"invalid expert uid {uid!r}: expected e.g. 'ffn.3' or 'ffn.3.17'")
+            subkey = expert_subkey(peer_id, self._marker)
+            records[uid, subkey] = make_expert_value(endpoint, peer_id, expert_cls, load.get(uid))
+            needs[uid] = [(uid, subkey)]
+            for prefix, coord in grid_prefixes(uid):
+                prefix_record = (prefix, prefix_subkey(coord, peer_id, self._marker))
+                records.setdefault(prefix_record, make_prefix_value(uid))
+                needs[uid].append(prefix_record)
+        if not records:
+            return None
+        keys, subkeys = zip(*records, strict=True)
+        call = partial(
+            calls.store_records,
+            keys=list(keys),
+            subkeys=list(subkeys),
+            values=list(records.values()),
+            expiration_time=get_dht_time() + expiration,
+        )
+        return _Declaration(call, list(records), needs)
+
+    def _declared(self, request: _Declaration, status: list[bool]) -> dict[str, bool]:
+        self._count(rounds=1)
+        self.cache.invalidate({key for key, _ in request.records})
+        stored = dict(zip(request.records, status, strict=True))
+        return {uid: all(stored[record] for record in records) for uid, records in request.needs.items()}
+
+    # ------------------------------------------------------------------ lookups
+
+    def get(
+        self, uids: Sequence[str], *, use_cache: bool = True, timeout: float | None = None
+    ) -> dict[str, list[ExpertReplica]]:
+        """Every live replica of each uid (uid -> [] when none), ordered by peer id; see the class docstring."""
+        return self._drive(_get_operation(uids), use_cache, timeout)
+
+    async def aget(
+        self, uids: Sequence[str], *, use_cache: bool = True, timeout: float | None = None
+    ) -> dict[str, list[ExpertReplica]]:
+        """The same as `get`, awaitable from a running event loop."""
+        return await self._adrive(_get_operation(uids), use_cache, timeout)
+
+    def find_best_experts(
+        self,
+        prefix: str,
+        grid_scores: Sequence[np.ndarray],
+        k: int,
+        *,
+        beam_size: int | None = None,
+        use_cache: bool = True,
+        timeout: float | None = None,
+    ) -> list[list[str]]:
+        """For each query, the `k` best live uids of grid `prefix` (``"ffn"``), best first.
+
+        ``grid_scores[d]`` holds the scores of grid dimension ``d``, shape ``[num_queries, grid_size_d]`` (numpy
+        or torch); a uid ``ffn.i.j`` scores ``grid_scores[0][q, i] + grid_scores[1][q, j]``. `beam_size`
+        (default `k`) prefixes are kept per query and level; see `dht.beam_search.beam_search` for exactness.
+        """
+        operation = beam_search(grid_name(prefix), grid_scores, k, k if beam_size is None else beam_size)
+        return self._drive(operation, use_cache, timeout)
+
+    async def afind_best_experts(
+        self,
+        prefix: str,
+        grid_scores: Sequence[np.ndarray],
+        k: int,
+        *,
+        beam_size: int | None = None,
+        use_cache: bool = True,
+        timeout: float | None = None,
+    ) -> list[list[str]]:
+        """The same as `find_best_experts`, awaitable from a running event loop."""
+        operation = beam_search(grid_name(prefix), grid_scores, k, k if beam_size is None else beam_size)
+        return await self._adrive(operation, use_cache, timeout)
+
+    def list_experts(
+        self, prefix: str, *, use_cache: bool = True, timeout: float | None = None
+    ) -> dict[str, list[ExpertReplica]]:
+        """Every live uid under grid `prefix` (``"ffn"``) with its replicas; one DHT round trip per level + 1."""
+        return self._drive(_list_operation(grid_name(prefix)), use_cache, timeout)
+
+    async def alist_experts(
+        self, prefix: str, *, use_cache: bool = True, timeout: float | None = None
+    ) -> dict[str, list[ExpertReplica]]:
+        """The same as `list_experts`, awaitable from a running event loop."""
+        return await self._adrive(_list_operation(grid_name(prefix)), use_cache, timeout)
+
+    # ------------------------------------------------------------------ drivers
+
+    def _drive(self, operation: Operation, use_cache: bool, timeout: float | None) -> Any:
+        """Run `operation` to completion, answering each of its key requests from the cache or the DHT."""
+        deadline = time.monotonic() + self._timeout(timeout)
+        try:
+            keys = next(operation)
+            while True:
+                found, misses = self._from_cache(keys, use_cache)
+                if misses:
+                    fetched_at = time.monotonic()
+                    call = partial(calls.get_records, keys=misses)
+                    found.update(self._fetched(self.node.run(call, timeout=_remaining(deadline)), fetched_at))
+                keys = operation.send(found)
+        except StopIteration as stop:
+            return stop.value
+
+    async def _adrive(self, operation: Operation, use_cache: bool, timeout: float | None) -> Any:
+        """The same as `_drive`, awaiting the DHT instead of blocking."""
+        deadline = time.monotonic() + self._timeout(timeout)
+        try:
+            keys = next(operation)
+            while True:
+                found, misses = self._from_cache(keys, use_cache)
+                if misses:
+                    fetched_at = time.monotonic()
+                    call = partial(calls.get_records, keys=misses)
+                    found.update(self._fetched(await self.node.arun(call, timeout=_remaining(deadline)), fetched_at))
+                keys = operation.send(found)
+        except StopIteration as stop:
+            return stop.value
+
+    def _from_cache(self, keys: list[str], use_cache: bool) -> tuple[dict[str, RawRecords], list[str]]:
+        keys = list(dict.fromkeys(keys))
+        found, misses = self.cache.lookup(keys) if use_cache else ({}, keys)
+        self._count(hits=len(found), misses=len(misses))
+        return found, misses
+
+    def _fetched(self, fetched: Mapping[str, RawRecords], fetched_at: float) -> dict[str, RawRecords]:
+        self._count(rounds=1)
+        self.cache.update(fetched, fetched_at)
+        now = get_dht_time()
+        return {key: unexpired(records, now) for key, records in fetched.items()}
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.node.call_timeout if timeout is None else timeout
+
+    def _count(self, *, rounds: int = 0, hits: int = 0, misses: int = 0) -> None:
+        with self._stats_lock:
+            self.stats.dht_rounds += rounds
+            self.stats.cache_hits += hits
+            self.stats.cache_misses += misses
+
+
+@dataclass(frozen=True)
+class _Declaration:
+    call: partial  # the store call for the DHT process
+    records: list[tuple[str, str]]  # (key, subkey) of every record, in the order of the call
+    needs: dict[str, list[tuple[str, str]]]  # uid -> the records it needs
+
+
+def _remaining(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise DHTUnavailableError("the DHT lookup ran out of time between round trips")
+    return remaining
+
+
+def parse_replicas(uid: str, records: RawRecords) -> list[ExpertReplica]:
+    """The well-formed expert records among `records` (of key `uid`), one per peer id, sorted by peer id.
+
+    When a peer id appears under several owner keys (a peer that changed its key), the record that expires
+    last wins.
+    """
+    by_peer: dict[str, ExpertReplica] = {}
+    for subkey, (value, expiration_time) in records.items():
+        parsed = parse_subkey(subkey)
+        if parsed is None or parsed.coord is not None or check_expert_value(value, parsed.peer_id) is not None:
+            continue
+        replica = ExpertReplica(
+            uid=uid,
+            endpoint=value["endpoint"],
+            peer_id=value["peer_id"],
+            expiration_time=float(expiration_time),
+            expert_cls=value["expert_cls"],
+            queue_size=value["load"]["queue_size"],
+            tokens_per_second=value["load"]["tokens_per_second"],
+        )
+        known = by_peer.get(replica.peer_id)
+        if known is None or known.expiration_time < replica.expiration_time:
+            by_peer[replica.peer_id] = replica
+    return [by_peer[peer_id] for peer_id in sorted(by_peer)]
+
+
+def _get_operation(uids: Sequence[str]) -> Operation:
+    if isinstance(uids, str):
+        raise TypeError("uids must be a sequence of uids, not a single string")
+    uids = list(dict.fromkeys(uids))
+    for uid in uids:
+        if not is_valid_uid(uid):
+            raise ValueError(f"invalid expert uid {uid!r}: expected e.g. 'ffn.3' or 'ffn.3.17'")
+    if not uids:
+        return {}
+    found = yield uids
+    return {uid: parse_replicas(uid, found.get(uid, {})) for uid in uids}
+
+
+def _list_operation(name: str) -> Operation:
+    """Walk the grid prefixes of `name` level by level, then fetch the replicas of every uid found."""
+    uids: set[str] = set()
+    level = [name + UID_DELIMITER]
+    depth = 0
+    while level:
+        found = yield level
+        next_level: set[str] = set()
+        for prefix in level:
+            for subkey, (value, _expiration) in found.get(prefix, {}).items():
+                parsed = parse_subkey(subkey)
+                if parsed is None or parsed.coord is None or check_prefix_value(value, parsed.coord) is not None:
+                    continue
+                num_dims = len(split_uid(value["uid"])[1])
+                if num_dims == depth + 1:
+                    uids.add(f"{prefix}{parsed.coord}")
+                elif num_dims > depth + 1:
+                    next_level.add(f"{prefix}{parsed.coord}{UID_DELIMITER}")
+        level, depth = sorted(next_level), depth + 1
+    if not uids:
+        return {}
+    found = yield sorted(uids)
+    replicas = {uid: parse_replicas(uid, found.get(uid, {})) for uid in sorted(uids)}
+    return {uid: found_replicas for uid, found_replicas in replicas.items() if found_replicas}

@@ -1,0 +1,1 @@
+"""The `dmoe` command line: subcommands dht, peer, status, and the client jobs."""

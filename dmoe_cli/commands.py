@@ -1,0 +1,152 @@
+"""The subcommands of `dmoe`: name -> (help, add_arguments(parser), run(args) -> exit code)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from dmoe_cli.config_args import add_config_arguments, config_from_args
+from dmoe_cli.logs import setup_logging
+
+
+def run_async(coro) -> None:
+    """Run a coroutine on uvloop when it is installed, else on asyncio's loop."""
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:
+        asyncio.run(coro)
+
+
+def _add_dht_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one")
+    parser.add_argument("--announce-host", default=None, help="address other machines use to reach this node")
+    parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="DHT nodes to join")
+    parser.add_argument("--addr-file", default=None, help="write this node's multiaddrs here, one per line")
+    parser.add_argument("--identity", default=None, help="libp2p identity file (created if missing): a fixed peer id")
+
+
+def _run_dht(args: argparse.Namespace) -> int:
+    from dht import DHTNode
+
+    setup_logging(args.verbose)
+    node = DHTNode(
+        initial_peers=args.initial_peers,
+        host=args.host,
+        port=args.port,
+        announce_host=args.announce_host,
+        identity_path=args.identity,
+    )
+    try:
+        maddrs = node.visible_maddrs()
+        if args.addr_file:
+            Path(args.addr_file).write_text("".join(f"{m}\n" for m in maddrs))
+        print("DHT node running. Join it with:", flush=True)
+        for maddr in maddrs:
+            print(f"  --initial-peers {maddr}", flush=True)
+        _wait_for_signal(node.is_alive)
+    finally:
+        node.shutdown()
+    return 0
+
+
+def _add_peer_args(parser: argparse.ArgumentParser) -> None:
+    from peer import PeerConfig
+
+    add_config_arguments(parser, PeerConfig)
+
+
+def _run_peer(args: argparse.Namespace) -> int:
+    from peer import PeerConfig, run_peer
+
+    setup_logging(args.verbose)
+    config = config_from_args(PeerConfig, args)
+
+    def on_ready(peer) -> None:
+        print(
+            f"peer serving {len(peer.uids)} experts ({peer.uids[0]} … {peer.uids[-1]}) at {peer.endpoint}", flush=True
+        )
+        if peer.dht_node is not None:
+            print(f"peer DHT node: {peer.dht_node.visible_maddrs()[0]}", flush=True)
+
+    run_async(run_peer(config, on_ready=on_ready))
+    return 0
+
+
+def _add_status_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="DHT nodes to ask")
+    parser.add_argument("--prefix", default="ffn", help="expert uid prefix to list")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the DHT")
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from hivemind.utils import get_dht_time
+
+    from dht import DHTNode, ExpertDirectory
+
+    setup_logging(args.verbose)
+    with DHTNode(initial_peers=args.initial_peers, client_mode=True, call_timeout=args.timeout) as node:
+        experts = ExpertDirectory(node).list_experts(args.prefix, timeout=args.timeout)
+    now = get_dht_time()
+    rows = {
+        uid: [
+            {
+                "endpoint": r.endpoint,
+                "peer_id": r.peer_id,
+                "expert_cls": r.expert_cls,
+                "queue_size": r.queue_size,
+                "tokens_per_second": r.tokens_per_second,
+                "expires_in": round(r.expiration_time - now, 1),
+            }
+            for r in replicas
+        ]
+        for uid, replicas in sorted(experts.items(), key=lambda item: _uid_sort_key(item[0]))
+    }
+    if args.json:
+        print(json.dumps({"prefix": args.prefix, "experts": rows}, indent=2))
+        return 0
+    if not rows:
+        print(f"no experts found under prefix {args.prefix!r}")
+        return 1
+    print(f"{len(rows)} experts under {args.prefix!r}:")
+    print(f"  {'uid':<16} {'endpoint':<22} {'peer':<14} {'queue':>5} {'tok/s':>9} {'expires':>8}")
+    for uid, replicas in rows.items():
+        for replica in replicas:
+            print(
+                f"  {uid:<16} {replica['endpoint']:<22} {replica['peer_id'][-12:]:<14} {replica['queue_size']:>5} "
+                f"{replica['tokens_per_second']:>9.1f} {replica['expires_in']:>7.0f}s"
+            )
+    return 0
+
+
+def _uid_sort_key(uid: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part for part in uid.split("."))
+
+
+def _wait_for_signal(alive: Callable[[], bool] = lambda: True) -> None:
+    """Block until SIGINT/SIGTERM (or until `alive()` turns false)."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        if not alive():
+            print("the DHT process died", file=sys.stderr)
+            time.sleep(0.1)
+            break
+
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "dht": ("run a bootstrap DHT node that peers and clients join", _add_dht_args, _run_dht),
+    "peer": ("host experts: serve them over gRPC and announce them in the DHT", _add_peer_args, _run_peer),
+    "status": ("list the experts a swarm holds, with their replicas and load", _add_status_args, _run_status),
+}

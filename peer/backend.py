@@ -1,0 +1,153 @@
+"""One hosted expert: its module, its optimizer and its counters."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peer.experts import ExpertClass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    """Shape (batch dimension excluded) and dtype of one expert argument or output."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class ExpertBackend:
+    """An expert module with its optimizer, as a peer hosts it.
+
+    - `forward(inputs)` returns the outputs for a batch, without building a graph.
+    - `backward(inputs, grad_outputs)` recomputes the forward with grad, returns the gradients of the inputs
+      and steps this expert's own optimizer (asynchronous expert updates, as in Learning@home). A gradient
+      that is NaN/Inf is not applied: the update is skipped and counted.
+    Randomness (dropout) differs between the forward and the recomputed one; experts should not rely on it.
+    Not thread-safe: the peer calls every backend from its single compute thread.
+    """
+
+    def __init__(
+        self,
+        uid: str,
+        expert_class: ExpertClass,
+        hidden_dim: int,
+        *,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        clip_grad_norm: float | None = None,
+        device: str | torch.device = "cpu",
+        seed: int | None = None,
+    ):
+        self.uid, self.expert_cls, self.hidden_dim = uid, expert_class.name, hidden_dim
+        self.device = torch.device(device)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.module: nn.Module = expert_class.module_cls(hidden_dim).to(self.device)
+        self.optimizer_name = optimizer
+        self.optimizer = _make_optimizer(optimizer, self.module.parameters(), lr)
+        self.clip_grad_norm = clip_grad_norm
+        self.update_count = 0
+        self.updates_skipped = 0
+
+        sample_inputs = tuple(t.to(self.device) for t in expert_class.sample_input(2, hidden_dim))
+        with torch.no_grad():
+            sample_outputs = _as_tuple(self.module(*sample_inputs))
+        self.input_specs = tuple(ArgSpec(tuple(t.shape[1:]), t.dtype) for t in sample_inputs)
+        self.output_specs = tuple(ArgSpec(tuple(t.shape[1:]), t.dtype) for t in sample_outputs)
+        self.num_parameters = sum(p.numel() for p in self.module.parameters())
+        self.last_update_time = time.time()
+
+    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Outputs of the expert for one batch (tensors on the CPU)."""
+        inputs = [t.to(self.device, non_blocking=True) for t in inputs]
+        with torch.inference_mode():
+            outputs = _as_tuple(self.module(*inputs))
+        return [t.cpu() for t in outputs]
+
+    def backward(self, inputs: list[torch.Tensor], grad_outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Gradients of the inputs for one batch; applies one optimizer step to the expert."""
+        inputs = [t.to(self.device).detach().requires_grad_(t.is_floating_point()) for t in inputs]
+        grad_outputs = [t.to(self.device) for t in grad_outputs]
+        with torch.enable_grad():
+            outputs = _as_tuple(self.module(*inputs))
+            torch.autograd.backward(outputs, grad_tensors=grad_outputs)
+        self._apply_gradients()
+        return [
+            (t.grad if t.grad is not None else torch.zeros_like(t)).cpu()
+            if t.is_floating_point()
+            else torch.zeros_like(t).cpu()
+            for t in inputs
+        ]
+
+    def _apply_gradients(self) -> None:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.optimizer is None or not params:
+            self.module.zero_grad(set_to_none=True)
+            return
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm or math.inf)
+        if not torch.isfinite(norm):
+            self.updates_skipped += 1
+            logger.warning("%s: skipped an update with a non-finite gradient norm", self.uid)
+        else:
+            self.optimizer.step()
+            self.update_count += 1
+            self.last_update_time = time.time()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        """Parameters, optimizer state and counters, copied so that later updates do not change them."""
+        return {
+            "uid": self.uid,
+            "expert_cls": self.expert_cls,
+            "hidden_dim": self.hidden_dim,
+            "module": {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()},
+            "optimizer": _clone_state(self.optimizer.state_dict()) if self.optimizer is not None else None,
+            "update_count": self.update_count,
+            "updates_skipped": self.updates_skipped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` saved; refuses a state of another expert class or size."""
+        if state.get("expert_cls") != self.expert_cls or state.get("hidden_dim") != self.hidden_dim:
+            raise ValueError(
+                f"checkpoint of {self.uid} holds a {state.get('expert_cls')} expert of hidden_dim "
+                f"{state.get('hidden_dim')}, but this peer hosts a {self.expert_cls} of hidden_dim {self.hidden_dim}"
+            )
+        self.module.load_state_dict(state["module"])
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.update_count = int(state.get("update_count", 0))
+        self.updates_skipped = int(state.get("updates_skipped", 0))
+
+
+def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer | None:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "none":
+        return None
+    raise ValueError(f"unknown optimizer {name!r}; choose adam, sgd or none")
+
+
+def _as_tuple(outputs) -> tuple[torch.Tensor, ...]:
+    return tuple(outputs) if isinstance(outputs, list | tuple) else (outputs,)
+
+
+def _clone_state(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _clone_state(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_clone_state(v) for v in value)
+    return value

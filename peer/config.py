@@ -1,0 +1,49 @@
+"""All knobs of a peer in one documented dataclass; `dmoe peer` flags and `DMOE_*` variables map onto it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class PeerConfig:
+    """Configuration of one volunteer peer: what it hosts, where it listens, how it trains and saves.
+
+    Every field is also a `dmoe peer` flag (`--hidden-dim` for `hidden_dim`) and an environment variable
+    (`DMOE_HIDDEN_DIM`); a flag wins over the variable, the variable over the default.
+    """
+
+    experts: str = _opt("", "experts to host: a pattern like 'ffn.[0:4]' or 'ffn.[0:4].[0:8]', or a list 'ffn.0,ffn.3'")
+    expert_cls: str = _opt("ffn", "expert class: ffn, swiglu, or one registered by --custom-module")
+    hidden_dim: int = _opt(1024, "hidden size of every hosted expert")
+    custom_module: str | None = _opt(None, "Python file that registers expert classes with register_expert_class")
+    initial_peers: list[str] = _opt(
+        (), "multiaddrs of DHT nodes to join (from `dmoe dht`); none starts a new DHT", nargs="*"
+    )
+    host: str = _opt("127.0.0.1", "address the gRPC server listens on (0.0.0.0 for every interface)")
+    port: int = _opt(0, "gRPC port; 0 picks a free one")
+    announce_host: str | None = _opt(
+        None, "address other machines use to reach this peer (default: --host, or this machine's IP when 0.0.0.0)"
+    )
+    dht_port: int = _opt(0, "port of this peer's own DHT node; 0 picks a free one")
+    device: str = _opt("cpu", "torch device for the experts: cpu, cuda, cuda:1, ...")
+    max_batch_size: int = _opt(8192, "most tokens merged into one compute batch (and allowed in one request)")
+    max_queue_size: int = _opt(1024, "most requests waiting per expert before RESOURCE_EXHAUSTED")
+    optimizer: str = _opt(
+        "adam", "optimizer each expert steps on Backward: adam, sgd or none", choices=("adam", "sgd", "none")
+    )
+    lr: float = _opt(1e-3, "learning rate of the experts' optimizers")
+    clip_grad_norm: float | None = _opt(1.0, "clip each expert's gradient to this norm (none to disable)")
+    max_message_mb: int = _opt(64, "largest gRPC message accepted or sent, in MiB; larger tensors are chunked")
+    update_period: float = _opt(20.0, "seconds between re-announcements of the hosted experts in the DHT")
+    expiration: float = _opt(60.0, "seconds a DHT record of this peer stays valid without renewal")
+    checkpoint_dir: str | None = _opt(None, "directory for expert checkpoints; resumed from on start")
+    checkpoint_every: float = _opt(60.0, "seconds between periodic checkpoints (also saved on SIGTERM/SIGINT)")
+    identity: str | None = _opt(None, "file with this peer's signing key (created if missing); keeps record ownership")
+    compute_threads: int | None = _opt(None, "torch intra-op threads for compute (default: torch's choice)")
+    shutdown_grace: float = _opt(10.0, "seconds to finish in-flight requests on shutdown")
+    seed: int | None = _opt(None, "seed for expert initialisation (experts are seeded per uid when given)")

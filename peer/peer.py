@@ -1,0 +1,271 @@
+"""`peer.Peer`: the volunteer node that hosts experts, serves them over gRPC and announces them in the DHT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dht import DHTNode, ExpertDirectory, load_or_create_rsa_key, make_record_validators, parse_expert_pattern
+from peer.announcer import Announcer
+from peer.backend import ExpertBackend
+from peer.batching import BatchingQueue
+from peer.checkpoints import load_checkpoint, save_checkpoint
+from peer.config import PeerConfig
+from peer.experts import get_expert_class, load_custom_module
+from peer.servicer import SERVICE_NAME, ExpertServicer, HostedExpert
+from proto import expert_pb2
+
+logger = logging.getLogger(__name__)
+
+
+class Peer:
+    """A volunteer node: hosts experts, serves `dmoe.v1.ExpertService` and keeps their DHT records alive.
+
+    Lifecycle: `await peer.start()` builds the experts (resuming them from `checkpoint_dir` when it holds
+    checkpoints), starts the gRPC server (with the standard health and reflection services), joins the DHT
+    and starts announcing; `await peer.stop()` refuses new work, finishes what is in flight, stops
+    renewing the records, saves a last checkpoint and leaves the DHT. `run_peer(config)` does both around
+    SIGINT/SIGTERM. With `announce=False` the peer serves gRPC only (no DHT), for tests and benchmarks.
+    """
+
+    def __init__(self, config: PeerConfig, *, announce: bool = True):
+        self.config = config
+        self.announce = announce
+        if config.custom_module:
+            load_custom_module(config.custom_module)
+        self.uids = parse_expert_pattern(config.experts) if config.experts else []
+        if not self.uids:
+            raise ValueError("no experts to host: pass --experts, e.g. 'ffn.[0:4]'")
+        self.expert_class = get_expert_class(config.expert_cls)
+        self.port: int | None = None
+        self.dht_node: DHTNode | None = None
+        self.directory: ExpertDirectory | None = None
+        self.servicer: ExpertServicer | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dmoe-compute")
+        self._background: list[asyncio.Task] = []
+        self._saved_update_count: dict[str, int | None] = {}
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def endpoint(self) -> str:
+        """`host:port` that clients use to reach this peer."""
+        return f"{_announce_host(self.config)}:{self.port}"
+
+    @property
+    def backends(self) -> dict[str, ExpertBackend]:
+        """The hosted experts by uid."""
+        return {uid: expert.backend for uid, expert in self.servicer.experts.items()}
+
+    async def start(self) -> None:
+        """Build the experts, start serving and (when announcing) join the DHT and declare the experts."""
+        config = self.config
+        if config.compute_threads:
+            torch.set_num_threads(config.compute_threads)
+        experts = {uid: self._build_expert(uid) for uid in self.uids}
+        for expert in experts.values():
+            expert.forward_queue.start()
+            expert.backward_queue.start()
+        max_message_bytes = config.max_message_mb * 1024 * 1024
+        self.servicer = ExpertServicer(
+            experts,
+            max_batch_size=config.max_batch_size,
+            max_message_bytes=max_message_bytes,
+            peer_id=lambda: self.dht_node.peer_id if self.dht_node is not None else "",
+        )
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self._server.add_generic_rpc_handlers((self.servicer.generic_handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (
+                expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name,
+                reflection.SERVICE_NAME,
+                health.SERVICE_NAME,
+            ),
+            self._server,
+        )
+        self.port = self._server.add_insecure_port(f"{_bracket(config.host)}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        await self._server.start()
+        if self._saved_update_count and config.checkpoint_dir:
+            await self.save_checkpoints()  # experts that start fresh are saved at once: restarts resume them
+        if config.checkpoint_dir:
+            self._background.append(asyncio.create_task(self._checkpoint_loop(), name="checkpoints"))
+        if self.announce:
+            await self._join_dht()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("serving %d experts at %s", len(self.uids), self.endpoint)
+
+    def _build_expert(self, uid: str) -> HostedExpert:
+        config = self.config
+        seed = None if config.seed is None else zlib.crc32(f"{config.seed}/{uid}".encode())
+        backend = ExpertBackend(
+            uid,
+            self.expert_class,
+            config.hidden_dim,
+            optimizer=config.optimizer,
+            lr=config.lr,
+            clip_grad_norm=config.clip_grad_norm,
+            device=config.device,
+            seed=seed,
+        )
+        self._saved_update_count[uid] = None
+        if config.checkpoint_dir:
+            state = load_checkpoint(config.checkpoint_dir, uid)
+            if state is not None:
+                backend.load_state_dict(state)
+                self._saved_update_count[uid] = backend.update_count
+                logger.info("resumed %s from its checkpoint (%d updates)", uid, backend.update_count)
+
+        def backward(tensors, backend=backend):
+            num_inputs = len(backend.input_specs)
+            return backend.backward(tensors[:num_inputs], tensors[num_inputs:])
+
+        queue_args = dict(max_batch_size=config.max_batch_size, max_queue_size=config.max_queue_size)
+        return HostedExpert(
+            backend,
+            BatchingQueue(f"{uid}/forward", backend.forward, self._executor, **queue_args),
+            BatchingQueue(f"{uid}/backward", backward, self._executor, **queue_args),
+        )
+
+    async def _join_dht(self) -> None:
+        config = self.config
+        rsa_key = await asyncio.to_thread(load_or_create_rsa_key, config.identity) if config.identity else None
+        validators = make_record_validators(rsa_key)
+        self.dht_node = await asyncio.to_thread(
+            DHTNode,
+            initial_peers=config.initial_peers,
+            host=config.host,
+            port=config.dht_port,
+            announce_host=config.announce_host,
+            record_validators=validators,
+        )
+        self.directory = ExpertDirectory(self.dht_node, rsa_key=rsa_key)
+        announcer = Announcer(
+            self.directory,
+            self.uids,
+            self.endpoint,
+            expert_cls=self.expert_class.name,
+            load_fn=self._load_figures,
+            update_period=config.update_period,
+            expiration=config.expiration,
+        )
+        await announcer.announce_once()
+        self._background.append(asyncio.create_task(announcer.run(), name="announcer"))
+
+    def _load_figures(self) -> dict[str, dict]:
+        return {
+            uid: {"queue_size": expert.queue_size, "tokens_per_second": round(expert.tokens_per_second, 1)}
+            for uid, expert in self.servicer.experts.items()
+        }
+
+    async def save_checkpoints(self, *, force: bool = False) -> int:
+        """Checkpoint every expert that changed since its last save; returns how many were written."""
+        if not self.config.checkpoint_dir:
+            return 0
+        loop = asyncio.get_running_loop()
+        written = 0
+        for uid, backend in self.backends.items():
+            if not force and self._saved_update_count.get(uid) == backend.update_count:
+                continue
+            # the snapshot runs on the compute thread, so it never sees half an optimizer step
+            state = await loop.run_in_executor(self._executor, backend.state_dict)
+            await asyncio.to_thread(save_checkpoint, self.config.checkpoint_dir, uid, state)
+            self._saved_update_count[uid] = state["update_count"]
+            written += 1
+        if written:
+            logger.info("checkpointed %d experts to %s", written, self.config.checkpoint_dir)
+        return written
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.checkpoint_every)
+            try:
+                await self.save_checkpoints()
+            except Exception:
+                logger.exception("periodic checkpoint failed; will retry")
+
+    async def stop(self) -> None:
+        """Graceful shutdown: refuse new work, finish in-flight requests, stop announcing, save, leave."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        started = time.monotonic()
+        try:
+            if self.servicer is not None:
+                self.servicer.closing = True
+            if self._health is not None:
+                await self._health.enter_graceful_shutdown()
+            for task in self._background:
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
+            if self._server is not None:
+                await self._server.stop(self.config.shutdown_grace)
+            if self.servicer is not None:
+                for expert in self.servicer.experts.values():
+                    await expert.forward_queue.stop()
+                    await expert.backward_queue.stop()
+                await self.save_checkpoints()
+        finally:
+            self._executor.shutdown(wait=True)
+            if self.dht_node is not None:
+                await asyncio.to_thread(self.dht_node.shutdown)
+            self._stopped.set()
+            logger.info("peer stopped in %.1f s", time.monotonic() - started)
+
+    async def wait_stopped(self) -> None:
+        """Wait until `stop()` has finished."""
+        await self._stopped.wait()
+
+
+async def run_peer(config: PeerConfig, *, on_ready=None) -> None:
+    """Run a peer until SIGINT or SIGTERM, then shut it down gracefully. `on_ready(peer)` runs once serving."""
+    peer = Peer(config)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop_requested.set)
+    try:
+        await peer.start()
+        if on_ready is not None:
+            on_ready(peer)
+        await stop_requested.wait()
+        logger.info("stop requested; finishing in-flight work")
+    finally:
+        await peer.stop()
+
+
+def _announce_host(config: PeerConfig) -> str:
+    if config.announce_host:
+        return config.announce_host
+    if config.host in ("0.0.0.0", "::", ""):
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+    return config.host
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

@@ -1,0 +1,63 @@
+"""The experts that exist under a prefix, with their replicas: a cached view of the DHT, refreshed in the
+background so that routing never waits for a DHT round trip once the first listing has arrived."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+from dht import ExpertDirectory, ExpertReplica, split_uid
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertCatalog:
+    """Live experts of one grid (`prefix`, `grid_size`), as uids, coordinates and replicas.
+
+    `await catalog.snapshot(deadline)` returns the cached listing; when it is older than `ttl`, a refresh
+    starts in the background and the cached one is still used (stale-while-revalidate). Only the very
+    first call (or one after the listing came back empty) waits for the DHT, within the caller's deadline.
+    Must be used from the router's event loop.
+    """
+
+    def __init__(self, directory: ExpertDirectory, prefix: str, grid_size: tuple[int, ...], *, ttl: float = 5.0):
+        self.directory, self.prefix, self.grid_size, self.ttl = directory, prefix.rstrip("."), tuple(grid_size), ttl
+        self.uids: list[str] = []
+        self.coords = np.zeros((0, len(self.grid_size)), dtype=np.int64)
+        self.replicas: dict[str, list[ExpertReplica]] = {}
+        self._fetched_at = -float("inf")
+        self._refresh: asyncio.Task | None = None
+
+    async def snapshot(self, deadline: float) -> ExpertCatalog:
+        """This catalog, refreshed first if it has never been filled (bounded by `deadline`)."""
+        stale = time.monotonic() - self._fetched_at > self.ttl
+        if stale and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.ensure_future(self._fetch(timeout=max(self.ttl, 10.0)))
+        if not self.uids and self._refresh is not None and not self._refresh.done():
+            remaining = deadline - time.monotonic()
+            if remaining > 0:
+                await asyncio.wait([self._refresh], timeout=remaining)
+        return self
+
+    async def _fetch(self, timeout: float) -> None:
+        try:
+            listing = await asyncio.to_thread(self.directory.list_experts, self.prefix, timeout=timeout)
+        except Exception as exc:
+            logger.warning("could not list experts under %r: %s", self.prefix, exc)
+            self._fetched_at = time.monotonic() - self.ttl * 0.8  # retry soon
+            return
+        uids, coords = [], []
+        for uid in sorted(listing):
+            _, grid = split_uid(uid)
+            if len(grid) == len(self.grid_size) and all(c < g for c, g in zip(grid, self.grid_size, strict=True)):
+                if listing[uid]:
+                    uids.append(uid)
+                    coords.append(grid)
+        self.uids = uids
+        self.coords = np.array(coords, dtype=np.int64).reshape(len(uids), len(self.grid_size))
+        self.replicas = {uid: listing[uid] for uid in uids}
+        self._fetched_at = time.monotonic() - (self.ttl * 0.8 if not uids else 0.0)  # empty: look again soon
+        logger.debug("catalog %s: %d live experts", self.prefix, len(uids))

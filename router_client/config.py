@@ -1,0 +1,33 @@
+"""All knobs of the router in one documented dataclass, read by the Python API and the CLI alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class RouterConfig:
+    """How a client routes tokens to remote experts: deadlines, quorum, replicas, bans and hedging.
+
+    Deadlines cover the whole call, the DHT lookup included. `k_min` is judged per token: a token is served
+    when at least `min(k_min, experts chosen for it)` of its experts answered.
+    """
+
+    k_min: int = _opt(1, "experts that must answer for each token before the forward may finish")
+    backward_k_min: int = _opt(1, "experts that must return gradients for each token before the backward may finish")
+    forward_timeout: float = _opt(5.0, "seconds for a whole forward call, lookup included")
+    backward_timeout: float = _opt(5.0, "seconds for a whole backward call")
+    timeout_after_k_min: float = _opt(1.0, "once every token has k_min answers, wait at most this long for the rest")
+    allow_zero_outputs: bool = _opt(False, "a token whose experts all failed gets zeros instead of an error")
+    hedge: bool = _opt(False, "send a second copy to another replica when a request is slower than the usual p95")
+    hedge_min_delay: float = _opt(0.02, "never hedge sooner than this many seconds into a request")
+    ban_base: float = _opt(1.0, "seconds a failing peer is banned at first; doubles per failure in a row")
+    ban_max: float = _opt(60.0, "longest ban, in seconds")
+    cache_ttl: float = _opt(5.0, "seconds the list of experts and their replicas is reused before a refresh")
+    compression: str = _opt("none", "lossy compression of tensors on the wire", choices=("none", "float16", "8bit"))
+    max_message_mb: int = _opt(64, "largest gRPC message; larger requests are sent in chunks over a stream")
+    check_outputs: bool = _opt(True, "reject (and ban) answers with NaN/Inf or the wrong shape")

@@ -1,0 +1,196 @@
+"""Concurrent dispatch of one request per expert, with a deadline, failover, hedging and per-token k_min."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dht import ExpertReplica
+from router_client.replicas import PeerScores
+from router_client.transport import ExpertCallError, ExpertTransport
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExpertJob:
+    """All tokens of one call that go to one expert: `token_index[i]` uses its slot `slot_index[i]`."""
+
+    uid: str
+    token_index: torch.Tensor
+    slot_index: torch.Tensor
+
+
+@dataclass
+class JobResult:
+    """What came back for one job: outputs and the replica that served them, or why it failed."""
+
+    outputs: list[torch.Tensor] | None = None
+    replica: ExpertReplica | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the job has outputs."""
+        return self.outputs is not None
+
+
+class AnomalousAnswerError(Exception):
+    """A peer answered with NaN/Inf or tensors of the wrong shape."""
+
+
+class Dispatcher:
+    """Runs a set of expert jobs concurrently on the router's loop and returns what each produced.
+
+    Each job goes to the best replica of its expert; on failure it moves to the next replica while the
+    deadline allows, and (with `hedge`) a second replica gets a copy once the first is slower than its p95.
+    Every failing replica is banned in `scores`. The call ends at the deadline, or `grace` seconds after
+    every token has `required` answers, whichever comes first; unfinished jobs are cancelled.
+    """
+
+    def __init__(
+        self,
+        transport: ExpertTransport,
+        scores: PeerScores,
+        *,
+        hedge: bool = False,
+        hedge_min_delay: float = 0.02,
+        check_outputs: bool = True,
+    ):
+        self.transport, self.scores = transport, scores
+        self.hedge, self.hedge_min_delay, self.check_outputs = hedge, hedge_min_delay, check_outputs
+
+    async def run(
+        self,
+        jobs: list[ExpertJob],
+        make_inputs: Callable[[ExpertJob], list[torch.Tensor]],
+        replicas: dict[str, list[ExpertReplica]],
+        *,
+        backward: bool,
+        deadline: float,
+        required: torch.Tensor,
+        grace: float,
+        expected_shapes: Callable[[ExpertJob], list[tuple[int, ...]]],
+        preferred: dict[str, str] | None = None,
+    ) -> list[JobResult]:
+        """Run `jobs`; `required[t]` answers are wanted for token t before the grace period starts."""
+        preferred = preferred or {}
+        results = [JobResult(error="not finished before the deadline") for _ in jobs]
+        answered = torch.zeros_like(required)
+        tasks = {
+            asyncio.ensure_future(
+                self._serve(
+                    job,
+                    make_inputs(job),
+                    replicas.get(job.uid, []),
+                    backward=backward,
+                    deadline=deadline,
+                    expected=expected_shapes(job),
+                    preferred=preferred.get(job.uid),
+                )
+            ): index
+            for index, job in enumerate(jobs)
+        }
+        pending = set(tasks)
+        quorum_at: float | None = None
+        try:
+            while pending:
+                now = time.monotonic()
+                until = deadline if quorum_at is None else min(deadline, quorum_at + grace)
+                if now >= until:
+                    break
+                done, pending = await asyncio.wait(pending, timeout=until - now, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    index = tasks[task]
+                    results[index] = task.result()
+                    if results[index].ok:
+                        answered[jobs[index].token_index] += 1
+                if quorum_at is None and bool((answered >= required).all()):
+                    quorum_at = time.monotonic()
+        finally:
+            for task in pending:
+                task.cancel()
+        return results
+
+    async def _serve(
+        self,
+        job: ExpertJob,
+        inputs,
+        replicas: list[ExpertReplica],
+        *,
+        backward: bool,
+        deadline: float,
+        expected: list[tuple[int, ...]],
+        preferred: str | None,
+    ) -> JobResult:
+        if not replicas:
+            return JobResult(error="no live replica in the DHT")
+        ordered = self.scores.order(replicas, preferred)
+        attempts: dict[asyncio.Task, tuple[ExpertReplica, float]] = {}
+        errors: list[str] = []
+        next_replica = 0
+        hedged = False
+
+        def launch() -> None:
+            nonlocal next_replica
+            replica = ordered[next_replica]
+            next_replica += 1
+            timeout = deadline - time.monotonic()
+            coro = self.transport.call(replica.endpoint, job.uid, inputs, backward=backward, timeout=timeout)
+            attempts[asyncio.ensure_future(coro)] = (replica, time.monotonic())
+
+        launch()
+        try:
+            while attempts:
+                now = time.monotonic()
+                wait = deadline - now
+                if self.hedge and not hedged and next_replica < len(ordered):
+                    first_replica, started = next(iter(attempts.values()))
+                    delay = self.scores.hedge_delay(first_replica.endpoint)
+                    if delay is not None:
+                        wait = min(wait, max(delay, self.hedge_min_delay) - (now - started))
+                if wait <= 0 and now >= deadline:
+                    break
+                done, _ = await asyncio.wait(list(attempts), timeout=max(wait, 0), return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    if time.monotonic() >= deadline:
+                        break
+                    if self.hedge and not hedged and next_replica < len(ordered):
+                        hedged = True
+                        launch()
+                    continue
+                for task in done:
+                    replica, started = attempts.pop(task)
+                    try:
+                        outputs = task.result()
+                        self._check(outputs, expected, replica, job.uid)
+                    except (ExpertCallError, AnomalousAnswerError) as exc:
+                        reason = exc.reason if isinstance(exc, ExpertCallError) else str(exc)
+                        errors.append(f"{replica.endpoint}: {reason}")
+                        self.scores.record_failure(replica.endpoint, reason)
+                        continue
+                    self.scores.record_success(replica.endpoint, time.monotonic() - started)
+                    return JobResult(outputs=outputs, replica=replica)
+                if not attempts and next_replica < len(ordered) and time.monotonic() < deadline:
+                    launch()  # failover inside the same deadline
+        finally:
+            for task in attempts:
+                task.cancel()
+        if not errors:
+            errors.append("deadline passed")
+        return JobResult(error="; ".join(errors))
+
+    def _check(self, outputs: list[torch.Tensor], expected: list[tuple[int, ...]], replica, uid: str) -> None:
+        if not self.check_outputs:
+            return
+        shapes = [tuple(t.shape) for t in outputs]
+        if expected and shapes != [tuple(s) for s in expected]:
+            raise AnomalousAnswerError(f"answer of {uid} has shapes {shapes}, expected {expected}")
+        for tensor in outputs:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise AnomalousAnswerError(f"answer of {uid} contains NaN or Inf")

@@ -1,0 +1,110 @@
+"""gRPC calls to peers: one reused `grpc.aio` channel per endpoint, unary or chunked streams by size."""
+
+from __future__ import annotations
+
+import grpc
+import torch
+
+from proto import (
+    COMPRESSION_BLOCKWISE_8BIT,
+    COMPRESSION_FLOAT16,
+    COMPRESSION_NONE,
+    TensorDecodeError,
+    deserialize_tensor,
+    expert_pb2,
+    iter_tensors_from_chunks,
+    serialize_tensor,
+    split_tensor,
+)
+
+COMPRESSIONS = {"none": COMPRESSION_NONE, "float16": COMPRESSION_FLOAT16, "8bit": COMPRESSION_BLOCKWISE_8BIT}
+_METHOD = "/dmoe.v1.ExpertService/"
+
+
+class ExpertCallError(Exception):
+    """A remote call failed: which peer, which expert, the gRPC status (if any) and why."""
+
+    def __init__(self, endpoint: str, uid: str, reason: str, code: grpc.StatusCode | None = None):
+        super().__init__(f"{uid}@{endpoint}: {reason}")
+        self.endpoint, self.uid, self.reason, self.code = endpoint, uid, reason, code
+
+
+class ExpertTransport:
+    """Sends Forward/Backward requests to peers. Must be used from a single event loop (the router's).
+
+    Requests whose tensors fit in `max_message_bytes` go as one unary call; larger ones are chunked over
+    the streaming variant. `compression` (a `COMPRESSION_*` value) applies to floating tensors both ways.
+    """
+
+    def __init__(self, *, max_message_bytes: int = 64 << 20, compression: int = COMPRESSION_NONE):
+        self.max_message_bytes = max_message_bytes
+        self.compression = compression
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def channel(self, endpoint: str) -> grpc.aio.Channel:
+        """The (reused) channel to `endpoint`."""
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            options = [
+                ("grpc.max_send_message_length", self.max_message_bytes),
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.enable_retries", 0),
+                ("grpc.keepalive_time_ms", 60_000),
+            ]
+            channel = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=options)
+        return channel
+
+    async def call(
+        self, endpoint: str, uid: str, tensors: list[torch.Tensor], *, backward: bool, timeout: float
+    ) -> list[torch.Tensor]:
+        """Forward (or Backward) of expert `uid` at `endpoint`; raises `ExpertCallError` on any failure."""
+        if timeout <= 0:
+            raise ExpertCallError(endpoint, uid, "no time left before the deadline", grpc.StatusCode.DEADLINE_EXCEEDED)
+        messages = [serialize_tensor(t, self.compression) for t in tensors]
+        size = sum(t.numel() * t.element_size() for t in tensors)  # an upper bound of the encoded size
+        try:
+            if size < self.max_message_bytes * 0.9:
+                response = await self.channel(endpoint).unary_unary(
+                    _METHOD + ("Backward" if backward else "Forward"),
+                    response_deserializer=expert_pb2.ExpertResponse.FromString,
+                )(
+                    expert_pb2.ExpertRequest(
+                        uid=uid, tensors=messages, response_compression=self.compression
+                    ).SerializeToString(),
+                    timeout=timeout,
+                )
+                parts = response.tensors
+            else:
+                parts = await self._call_stream(endpoint, uid, messages, backward=backward, timeout=timeout)
+            return [deserialize_tensor(part) for part in iter_tensors_from_chunks(parts)]
+        except grpc.aio.AioRpcError as exc:
+            raise ExpertCallError(endpoint, uid, f"{exc.code().name}: {exc.details()}", exc.code()) from None
+        except TensorDecodeError as exc:
+            raise ExpertCallError(endpoint, uid, f"malformed answer: {exc}") from None
+
+    async def _call_stream(self, endpoint, uid, messages, *, backward: bool, timeout: float) -> list:
+        chunk_bytes = max(1, self.max_message_bytes // 2)
+
+        def requests():
+            first = True
+            for message in messages:
+                for part in split_tensor(message, chunk_bytes):
+                    if first:
+                        yield expert_pb2.ExpertRequest(
+                            uid=uid, tensors=[part], response_compression=self.compression
+                        ).SerializeToString()
+                        first = False
+                    else:
+                        yield expert_pb2.ExpertRequest(tensors=[part]).SerializeToString()
+
+        call = self.channel(endpoint).stream_stream(
+            _METHOD + ("BackwardStream" if backward else "ForwardStream"),
+            response_deserializer=expert_pb2.ExpertResponse.FromString,
+        )(requests(), timeout=timeout)
+        return [part async for response in call for part in response.tensors]
+
+    async def close(self) -> None:
+        """Close every channel."""
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()

@@ -1,0 +1,258 @@
+"""`dmoe swarm`: experts spread over distinct peers, a real local swarm that serves them, and no orphans ever."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dmoe_cli.swarm import LocalSwarm, SwarmConfig, assign_experts
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --- /proc helpers: the whole process tree, so that grandchildren (DHT daemons) are checked too ---
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, ppid) of a process, or None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    state, ppid = text.rsplit(")", 1)[1].split()[:2]
+    return state, int(ppid)
+
+
+def descendants(root: int) -> set[int]:
+    """Every live process below `root`."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            children.setdefault(stat[1], []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def running(pids: set[int]) -> set[int]:
+    """The pids that still run (zombies count as gone: they are dead, just not reaped by init yet)."""
+    return {pid for pid in pids if (stat := _stat(pid)) is not None and stat[0] not in ("Z", "X")}
+
+
+def _shm_managers(pids: set[int]) -> set[int]:
+    """torch_shm_manager daemons: hivemind shares memory through them; they detach and exit once unused."""
+    found = set()
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "torch_shm_manager":
+                found.add(pid)
+        except OSError:
+            pass
+    return found
+
+
+def _describe(pids: set[int]) -> list[str]:
+    def cmdline(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+        except OSError:
+            return "?"
+
+    return [f"{pid} {_stat(pid)} {cmdline(pid)}" for pid in sorted(pids)]
+
+
+def wait_gone(pids: set[int], timeout: float) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while running(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return running(pids)
+
+
+def kill_all(pids: set[int]) -> None:
+    for pid in running(pids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# --- assign_experts ---
+
+@pytest.mark.parametrize(
+    "peers, per_peer, replicas", [(1, 1, 1), (4, 2, 1), (3, 2, 2), (3, 2, 3), (5, 3, 5), (6, 4, 3), (4, 3, 2)]
+)
+def test_every_expert_has_its_replicas_on_different_peers(peers, per_peer, replicas):
+    hosted = assign_experts(peers, per_peer, replicas, "ffn")
+    assert len(hosted) == peers and all(len(uids) == per_peer for uids in hosted)
+    assert all(len(set(uids)) == len(uids) for uids in hosted), "a peer hosts an expert twice"
+    count = peers * per_peer // replicas
+    hosts = {f"ffn.{i}": sum(f"ffn.{i}" in uids for uids in hosted) for i in range(count)}
+    assert hosts == {f"ffn.{i}": replicas for i in range(count)}
+
+
+def test_assignment_is_round_robin_and_uses_the_prefix():
+    assert assign_experts(3, 2, 2, "moe.layer") == [
+        ["moe.layer.0", "moe.layer.1"], ["moe.layer.0", "moe.layer.2"], ["moe.layer.1", "moe.layer.2"]
+    ]
+    assert assign_experts(2, 2, 1, "ffn") == [["ffn.0", "ffn.2"], ["ffn.1", "ffn.3"]]
+
+
+@pytest.mark.parametrize(
+    "peers, per_peer, replicas, message",
+    [(3, 1, 2, "divisible"), (2, 2, 3, "must not exceed peers"), (0, 2, 1, "peers must be at least 1"),
+     (2, 0, 1, "experts_per_peer"), (2, 2, 0, "replicas")],
+)
+def test_impossible_assignments_are_refused_clearly(peers, per_peer, replicas, message):
+    with pytest.raises(ValueError, match=message):
+        assign_experts(peers, per_peer, replicas, "ffn")
+
+
+# --- a real swarm ---
+
+@pytest.fixture
+def swarm(tmp_path) -> Iterator[LocalSwarm]:
+    config = SwarmConfig(peers=3, experts_per_peer=2, replicas=2, hidden_dim=16, log_dir=str(tmp_path / "logs"))
+    with LocalSwarm(config) as swarm:
+        yield swarm
+
+
+def _serving(endpoint: str) -> bool:
+    with grpc.insecure_channel(endpoint) as channel:
+        request = health_pb2.HealthCheckRequest(service="")
+        reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=5)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _hosted_uids(endpoint: str) -> list[str]:
+    from proto import expert_pb2, expert_pb2_grpc
+
+    with grpc.insecure_channel(endpoint) as channel:
+        reply = expert_pb2_grpc.ExpertServiceStub(channel).Info(expert_pb2.InfoRequest(), timeout=5)
+        return sorted(expert.uid for expert in reply.experts)
+
+
+@pytest.mark.slow
+def test_a_swarm_serves_every_expert_twice_and_leaves_no_process_behind(swarm):
+    assert swarm.uids == ["ffn.0", "ffn.1", "ffn.2"]
+    assert swarm.initial_peers and all(maddr.startswith("/") for maddr in swarm.initial_peers)
+    replicas = {uid: 0 for uid in swarm.uids}
+    for endpoint, assigned in zip(swarm.peer_endpoints, swarm.assignments, strict=True):
+        assert _serving(endpoint), endpoint
+        assert _hosted_uids(endpoint) == assigned
+        for uid in assigned:
+            replicas[uid] += 1
+    assert replicas == {"ffn.0": 2, "ffn.1": 2, "ffn.2": 2}
+    assert "peer serving" in swarm.peer_log(0).read_text()
+
+    tree = descendants(os.getpid())
+    assert {p.pid for p in swarm.processes} <= tree
+    try:
+        swarm.stop()
+        assert all(p.poll() is not None for p in swarm.processes)
+        assert not running(tree - _shm_managers(tree)), f"left after stop(): {_describe(running(tree))}"
+        assert not wait_gone(tree, 10), f"left after stop(): {_describe(running(tree))}"
+        swarm.stop()  # idempotent
+    finally:
+        kill_all(tree)
+
+
+@pytest.mark.slow
+def test_a_killed_peer_can_be_restarted(swarm):
+    before = descendants(swarm.peer_processes[1].pid) | {swarm.peer_processes[1].pid}
+    swarm.kill_peer(1)
+    assert not running(before), "SIGKILL takes the peer's whole process group down"
+    assert swarm.peer_endpoints[1] is None
+    swarm.restart_peer(1)
+    assert _serving(swarm.peer_endpoints[1])
+    assert _hosted_uids(swarm.peer_endpoints[1]) == swarm.assignments[1]
+
+
+@pytest.mark.slow
+def test_a_peer_that_cannot_start_is_reported_with_its_output(tmp_path):
+    config = SwarmConfig(peers=1, experts_per_peer=1, hidden_dim=8, extra_peer_args=["--no-such-flag"],
+                         log_dir=str(tmp_path), startup_timeout=60)
+    swarm = LocalSwarm(config)
+    try:
+        with pytest.raises(RuntimeError, match="(?s)peer 0 exited.*--no-such-flag"):
+            swarm.start()
+        assert not any(p.poll() is None for p in swarm.processes)
+    finally:
+        swarm.stop()
+
+
+# --- the `dmoe swarm` command ---
+
+def _swarm_command() -> list[str]:
+    from dmoe_cli import commands
+
+    if "swarm" in commands.COMMANDS:
+        return [sys.executable, "-m", "dmoe_cli", "swarm"]
+    return [sys.executable, "-m", "dmoe_cli.swarm"]  # until the subcommand is registered
+
+
+@contextmanager
+def swarm_command(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen, list[str], set[int]]]:
+    """A `dmoe swarm` process, returned once it printed how to connect; it and all below it die at teardown."""
+    command = [*_swarm_command(), "--peers", "2", "--experts-per-peer", "1", "--hidden-dim", "8",
+               "--addr-file", str(tmp_path / "dht.txt"), "--log-dir", str(tmp_path / "logs"), *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    output: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            output.append(line)
+            if line.startswith("Ctrl-C"):
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    tree: set[int] = set()
+    try:
+        assert ready.wait(90) and proc.poll() is None, "dmoe swarm did not start:\n" + "".join(output)
+        tree = descendants(proc.pid)
+        yield proc, output, tree
+    finally:
+        tree |= descendants(proc.pid)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        kill_all(tree)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_swarm_command_and_all_its_children(tmp_path):
+    with swarm_command(tmp_path) as (proc, output, tree):
+        text = "".join(output)
+        maddr = (tmp_path / "dht.txt").read_text().splitlines()[0]
+        assert f"dmoe status --initial-peers {maddr}" in text
+        assert "RemoteMixtureOfExperts(" in text and "2 peers serving 2 experts" in text
+        assert len(tree) >= 3, "a DHT node and two peers"
+
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(25) == 0
+        assert not wait_gone(tree, 25 - (time.monotonic() - started)), "children outlived the swarm"
+        assert "swarm stopped" in "".join(output)
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_swarm_command_leaves_no_orphans(tmp_path):
+    with swarm_command(tmp_path) as (proc, _output, tree):
+        proc.kill()
+        proc.wait(10)
+        assert not wait_gone(tree, 30), "orphans outlived the SIGKILLed swarm"
