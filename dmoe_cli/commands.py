@@ -145,8 +145,58 @@ def _wait_for_signal(alive: Callable[[], bool] = lambda: True) -> None:
             break
 
 
+def _jobs():
+    from dmoe_cli import jobs
+
+    return jobs
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    _jobs().add_train_arguments(parser)
+
+
+def _add_infer_args(parser: argparse.ArgumentParser) -> None:
+    _jobs().add_infer_arguments(parser)
+
+
+def _add_swarm_args(parser: argparse.ArgumentParser) -> None:
+    from dmoe_cli.swarm import add_swarm_arguments
+
+    add_swarm_arguments(parser)
+
+
+def _run_swarm(args: argparse.Namespace) -> int:
+    from dmoe_cli.swarm import run_swarm_command
+
+    return run_swarm_command(args)
+
+
+def _add_demo_args(parser: argparse.ArgumentParser) -> None:
+    from dmoe_cli.demo import add_demo_arguments
+
+    add_demo_arguments(parser)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from dmoe_cli.demo import run_demo_command
+
+    return run_demo_command(args)
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "dht": ("run a bootstrap DHT node that peers and clients join", _add_dht_args, _run_dht),
     "peer": ("host experts: serve them over gRPC and announce them in the DHT", _add_peer_args, _run_peer),
     "status": ("list the experts a swarm holds, with their replicas and load", _add_status_args, _run_status),
+    "train": (
+        "train the reference character-level transformer over the swarm",
+        _add_train_args,
+        lambda args: _jobs().run_train_command(args),
+    ),
+    "swarm": ("run a whole local swarm: a DHT node and N peer processes on 127.0.0.1", _add_swarm_args, _run_swarm),
+    "demo": ("the main job: a local swarm, training over it, sampled text, clean shutdown", _add_demo_args, _run_demo),
+    "infer": (
+        "sample text from a trained client checkpoint",
+        _add_infer_args,
+        lambda args: _jobs().run_infer_command(args),
+    ),
 }

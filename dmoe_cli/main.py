@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from dmoe_cli import commands
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc is imported: no fork-handler chatter
+
+from dmoe_cli import commands  # noqa: E402
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 DESCRIPTION = """\
 dmoe: a decentralized Mixture-of-Experts. Volunteer peers host experts and announce them in a DHT;
@@ -42,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(args) or 0
     except KeyboardInterrupt:
         return 130
+    except USER_ERRORS as exc:  # mistakes a user can fix: one clear line, no traceback
+        print(f"dmoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

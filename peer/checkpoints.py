@@ -23,7 +23,7 @@ MAGIC = b"DMOE-CKPT-1\n"
 _DIGEST_SIZE = hashlib.sha256().digest_size
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint exists but cannot be used; the message names the file and what is wrong."""
 
 

@@ -9,6 +9,7 @@ import socket
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import torch
@@ -75,6 +76,8 @@ class Peer:
         if config.compute_threads:
             torch.set_num_threads(config.compute_threads)
         experts = {uid: self._build_expert(uid) for uid in self.uids}
+        if self.announce:  # the DHT child process is forked before gRPC starts its threads
+            await self._start_dht()
         for expert in experts.values():
             expert.forward_queue.start()
             expert.backward_queue.start()
@@ -111,7 +114,7 @@ class Peer:
         if config.checkpoint_dir:
             self._background.append(asyncio.create_task(self._checkpoint_loop(), name="checkpoints"))
         if self.announce:
-            await self._join_dht()
+            await self._start_announcer()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logger.info("serving %d experts at %s", len(self.uids), self.endpoint)
@@ -148,9 +151,12 @@ class Peer:
             BatchingQueue(f"{uid}/backward", backward, self._executor, **queue_args),
         )
 
-    async def _join_dht(self) -> None:
+    async def _start_dht(self) -> None:
         config = self.config
-        rsa_key = await asyncio.to_thread(load_or_create_rsa_key, config.identity) if config.identity else None
+        identity = config.identity
+        if identity is None and config.checkpoint_dir:  # a restarted peer keeps ownership of its records
+            identity = str(Path(config.checkpoint_dir) / "peer-identity.pem")
+        rsa_key = await asyncio.to_thread(load_or_create_rsa_key, identity) if identity else None
         validators = make_record_validators(rsa_key)
         self.dht_node = await asyncio.to_thread(
             DHTNode,
@@ -161,6 +167,9 @@ class Peer:
             record_validators=validators,
         )
         self.directory = ExpertDirectory(self.dht_node, rsa_key=rsa_key)
+
+    async def _start_announcer(self) -> None:
+        config = self.config
         announcer = Announcer(
             self.directory,
             self.uids,

@@ -99,7 +99,9 @@ def local_reference(moe: RemoteMixtureOfExperts, backends: dict, x: torch.Tensor
 
 
 def test_remote_moe_equals_an_in_process_moe_with_the_same_experts(dht_node):
-    with swarm(dht_node, {"experts": "ffn.[0:2]", "optimizer": "none"}, {"experts": "ffn.[2:4]", "optimizer": "none"}) as peers:
+    with swarm(
+        dht_node, {"experts": "ffn.[0:2]", "optimizer": "none"}, {"experts": "ffn.[2:4]", "optimizer": "none"}
+    ) as peers:
         moe = make_moe(dht_node)
         x = torch.randn(3, 5, HIDDEN, requires_grad=True)
         forwards_before = sum(p.servicer.calls["Forward"] for p in peers)
@@ -183,8 +185,20 @@ def test_remote_expert_matches_the_module_and_trains_it(dht_node):
 
 @pytest.mark.slow
 def test_with_two_replicas_killing_one_loses_no_tokens(dht_node, peer_processes):
-    args = ["--initial-peers", *dht_node.visible_maddrs(), "--experts", "ffn.[0:4]", "--hidden-dim", str(HIDDEN),
-            "--seed", "0", "--update-period", "2", "--expiration", "6"]
+    args = [
+        "--initial-peers",
+        *dht_node.visible_maddrs(),
+        "--experts",
+        "ffn.[0:4]",
+        "--hidden-dim",
+        str(HIDDEN),
+        "--seed",
+        "0",
+        "--update-period",
+        "2",
+        "--expiration",
+        "6",
+    ]
     peer_processes.append(PeerProcess(args))
     peer_processes.append(PeerProcess(args))
     wait_for_experts(dht_node, [f"ffn.{i}" for i in range(4)])
@@ -204,8 +218,20 @@ def test_with_two_replicas_killing_one_loses_no_tokens(dht_node, peer_processes)
 
 @pytest.mark.slow
 def test_killing_a_peer_mid_training_does_not_raise_and_the_loss_falls(dht_node, peer_processes):
-    common = ["--initial-peers", *dht_node.visible_maddrs(), "--hidden-dim", str(HIDDEN), "--seed", "0",
-              "--lr", "0.01", "--update-period", "2", "--expiration", "6"]
+    common = [
+        "--initial-peers",
+        *dht_node.visible_maddrs(),
+        "--hidden-dim",
+        str(HIDDEN),
+        "--seed",
+        "0",
+        "--lr",
+        "0.01",
+        "--update-period",
+        "2",
+        "--expiration",
+        "6",
+    ]
     peer_processes.append(PeerProcess([*common, "--experts", "ffn.[0:2]"]))
     peer_processes.append(PeerProcess([*common, "--experts", "ffn.[2:4]"]))
     wait_for_experts(dht_node, [f"ffn.{i}" for i in range(4)])

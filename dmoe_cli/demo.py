@@ -1,0 +1,117 @@
+"""`dmoe demo`: the main job. A local swarm, the reference model trained over it, a few sampled lines."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dmoe_cli.config_args import add_config_arguments, config_from_args
+from dmoe_cli.logs import setup_logging
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class DemoConfig:
+    """What the demo runs: the swarm's shape and how long to train. Defaults finish in minutes on 2 cores."""
+
+    peers: int = _opt(4, "peer processes in the local swarm")
+    experts_per_peer: int = _opt(4, "experts hosted by each peer")
+    replicas: int = _opt(2, "peers hosting each expert (so one peer can die without losing an expert)")
+    hidden_dim: int = _opt(64, "width of the model and of every expert")
+    steps: int = _opt(600, "training steps")
+    batch_size: int = _opt(16, "sequences per step")
+    block_size: int = _opt(64, "bytes per sequence")
+    k_best: int = _opt(2, "experts each token is sent to")
+    samples: int = _opt(3, "lines of text to sample at the end")
+    workdir: str | None = _opt(None, "where the client checkpoint and logs go (default: a temporary directory)")
+    threads: int | None = _opt(1, "torch threads of the client process (the peers get the other cores)")
+
+
+def run_demo(config: DemoConfig, *, verbose: bool = False) -> int:
+    """Start a swarm, train over it, sample, and shut everything down; 0 when the loss fell."""
+    from dmoe_cli.swarm import LocalSwarm, SwarmConfig
+    from router_client.training import InferConfig, TrainConfig, infer, train
+
+    workdir = Path(config.workdir or tempfile.mkdtemp(prefix="dmoe-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    swarm_config = SwarmConfig(
+        peers=config.peers,
+        experts_per_peer=config.experts_per_peer,
+        replicas=config.replicas,
+        hidden_dim=config.hidden_dim,
+        log_dir=str(workdir / "logs"),
+        extra_peer_args=["--compute-threads", "1", "--lr", "3e-3"],
+    )
+    started = time.monotonic()
+    print(f"== dmoe demo: starting a local swarm of {config.peers} peers (logs in {workdir / 'logs'})", flush=True)
+    with LocalSwarm(swarm_config, verbose=verbose) as swarm:
+        num_experts = len(swarm.uids)
+        print(
+            f"== {num_experts} experts ffn.0 … ffn.{num_experts - 1}, each on {config.replicas} peers; "
+            f"ready in {time.monotonic() - started:.0f} s",
+            flush=True,
+        )
+        print(
+            f"== training a byte-level transformer on the Python standard library for {config.steps} steps", flush=True
+        )
+        train_config = TrainConfig(
+            initial_peers=swarm.initial_peers,
+            steps=config.steps,
+            batch_size=config.batch_size,
+            block_size=config.block_size,
+            n_embd=config.hidden_dim,
+            grid_size=[num_experts],
+            k_best=config.k_best,
+            checkpoint=str(workdir / "client.pt"),
+            resume=False,
+            eval_every=100,
+            save_every=100,
+            threads=config.threads,
+            sample_chars=0,
+        )
+        summary = train(train_config, progress=True)
+        print(
+            f"== loss {summary['initial_loss']:.3f} → {summary['final_loss']:.3f} in {summary['steps']} steps, "
+            f"{summary['tokens_per_second']:.0f} tokens/s; expert calls: {_describe(summary.get('expert_stats', {}))}",
+            flush=True,
+        )
+        print("== samples (prompt 'def '):", flush=True)
+        for index in range(config.samples):
+            text = infer(
+                InferConfig(
+                    checkpoint=str(workdir / "client.pt"),
+                    prompt="def ",
+                    max_new_tokens=120,
+                    seed=index,
+                    initial_peers=swarm.initial_peers,
+                )
+            )
+            line = ("def " + text).splitlines()[0] if text else "def "
+            print(f"   {line[:100]}", flush=True)
+    print(f"== done in {time.monotonic() - started:.0f} s; the swarm is stopped", flush=True)
+    return 0 if summary["final_loss"] < summary["initial_loss"] else 1
+
+
+def _describe(stats: dict) -> str:
+    keys = ("expert_requests", "failed_requests", "masked_tokens", "backward_failures")
+    return ", ".join(f"{key.replace('_', ' ')} {int(stats.get(key, 0))}" for key in keys)
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """`dmoe demo` flags (one per DemoConfig field)."""
+    add_config_arguments(parser, DemoConfig)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    """Entry point of `dmoe demo`."""
+    setup_logging(args.verbose)
+    return run_demo(config_from_args(DemoConfig, args), verbose=args.verbose)
+
+
+__all__ = ["DemoConfig", "add_demo_arguments", "run_demo", "run_demo_command"]
