@@ -21,18 +21,18 @@ RawRecords = dict[str, tuple[object, float]]
 async def call_with_deadline(dht, node, coro_fn, timeout: float) -> tuple[str, object]:
     """Run ``coro_fn(dht, node)`` for at most `timeout` seconds and report the outcome as a tagged tuple.
 
-    ``("ok", result)``, ``("timeout", None)`` or ``("error", exception)``: nothing is raised, so hivemind does
-    not log a traceback for a routine timeout, and an abandoned call does not keep running in the DHT process.
+    ``("ok", result)``, ``("timeout", None)`` or ``("error", exception)``: nothing is raised, and an abandoned
+    call does not keep running in the DHT process.
     """
     try:
         return "ok", await asyncio.wait_for(coro_fn(dht, node), timeout)
     except TimeoutError:
         return "timeout", None
     except Exception as exc:
-        return "error", _picklable(exc)
+        return "error", picklable(exc)
 
 
-def _picklable(exc: Exception) -> Exception:
+def picklable(exc: Exception) -> Exception:
     """`exc` itself if it survives pickling (to cross the process boundary), else a RuntimeError describing it."""
     try:
         pickle.loads(pickle.dumps(exc))

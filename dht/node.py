@@ -7,7 +7,6 @@ import atexit
 import ipaddress
 import logging
 import os
-import select
 import shutil
 import socket
 import tempfile
@@ -15,15 +14,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
+from concurrent.futures import Future
 from typing import Any
 
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
-from hivemind.utils.mpfuture import MPFuture
 
 from dht import calls
-from dht.process import DHTProcess
+from dht.process import DHTProcess, Outcome
 from dht.validation import make_record_validators
 
 logger = logging.getLogger(__name__)
@@ -48,9 +46,10 @@ class DHTNode:
       background: by a monitor thread that checks the process every `health_check_period` seconds, or by the
       call that finds it dead. That call raises `DHTUnavailableError` at once (no retry, so a caller's deadline
       is never stretched by a restart); later calls wait for the restart, within their own deadline.
-    * A call that gets no answer by its deadline raises `DHTUnavailableError`; the process is then pinged and
-      restarted if it does not answer within 2 s (a hung process). A call that merely takes too long inside a
-      healthy process (slow or unreachable peers) raises `DHTUnavailableError` without a restart.
+    * A call that gets no answer by its deadline raises `DHTUnavailableError`; the process is then pinged
+      (new calls wait for the verdict) and restarted if it does not answer within 2 s (a hung process). A call
+      that merely takes too long inside a healthy process (slow or unreachable peers) raises
+      `DHTUnavailableError` without a restart.
     * Exceptions raised by the coroutine itself are re-raised as they are.
     * `shutdown` is idempotent and bounded in time; it kills the process if it does not exit.
 
@@ -63,7 +62,8 @@ class DHTNode:
     persistent key, or ``()`` for a node that validates nothing (tests only).
 
     Coroutine functions passed to `run` must be picklable (module-level functions or `functools.partial` of
-    them) and should take and return small values: they cross a pipe to the DHT process.
+    them) and should take and return small values: they cross a pipe to the DHT process. See `dht.process`
+    for the two hivemind hangs this avoids (a corrupted command pipe, a lock shared by all DHT processes).
     """
 
     def __init__(
@@ -110,7 +110,6 @@ class DHTNode:
         self._port = port
 
         self._lock = threading.RLock()  # guards the fields below
-        self._send_lock = threading.Lock()  # one writer at a time on the command pipe
         self._healthy = threading.Event()  # set while self._dht is a started, usable process
         self._closed = False
         self._recovering: threading.Thread | None = None
@@ -162,7 +161,7 @@ class DHTNode:
             except TimeoutError:
                 self._check_pending(dht, future, deadline)
                 continue
-            return self._unwrap(outcome)
+            return self._unwrap(dht, outcome)
 
     async def arun(self, coro_fn: Callable, *, timeout: float | None = None) -> Any:
         """The same as `run`, awaitable from a running event loop without blocking it."""
@@ -172,8 +171,6 @@ class DHTNode:
             if dht is not None:
                 break
             await asyncio.to_thread(self._healthy.wait, max(0.0, deadline - time.monotonic()))
-        while not _writable(dht._outer_pipe, 0.0) and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)  # the DHT process is behind on reading its commands
         future = self._submit(dht, coro_fn, deadline, wait_writable=False)
         waiter = asyncio.wrap_future(future)
         try:
@@ -181,7 +178,7 @@ class DHTNode:
                 remaining = deadline - time.monotonic()
                 done, _ = await asyncio.wait({waiter}, timeout=max(0.0, min(remaining, _POLL_SECONDS)))
                 if done:
-                    return self._unwrap(waiter.result())
+                    return self._unwrap(dht, waiter.result())
                 self._check_pending(dht, future, deadline)
         finally:
             if not waiter.done():
@@ -260,42 +257,35 @@ class DHTNode:
             raise DHTUnavailableError("the DHT process is restarting and was not ready within the call timeout")
         return None
 
-    def _submit(self, dht: DHTProcess, coro_fn: Callable, deadline: float, *, wait_writable: bool) -> MPFuture:
+    def _submit(self, dht: DHTProcess, coro_fn: Callable, deadline: float, *, wait_writable: bool) -> Future:
         """Send the call to the DHT process; the process gets slightly less time than the caller."""
         remaining = deadline - time.monotonic()
         inner_timeout = max(0.01, remaining - min(0.25, 0.1 * remaining))
-        call = partial(calls.call_with_deadline, coro_fn=coro_fn, timeout=inner_timeout)
-        with self._send_lock:
-            # The pipe only fills up when the process stopped reading it; sending would then block forever.
-            if not _writable(dht._outer_pipe, max(0.0, remaining) if wait_writable else 0.0):
-                with self._lock:
-                    self._recover(dht, "the DHT process stopped reading its command pipe", probe=True)
-                raise DHTUnavailableError("the DHT process is not reading its commands (hung?); checking it")
-            future = MPFuture()
-            try:
-                dht._outer_pipe.send(("_run_coroutine", [], dict(coro=call, future=future)))
-            except OSError as exc:
-                with self._lock:
-                    self._recover(dht, f"its command pipe failed: {exc!r}")
-                raise DHTUnavailableError(f"could not send a call to the DHT process: {exc!r}") from exc
+        try:
+            # arun does not wait for room in the pipe: a healthy process empties it at once
+            future = dht.submit(coro_fn, inner_timeout, wait_writable=max(0.0, remaining) if wait_writable else 0.05)
+        except OSError as exc:
+            with self._lock:
+                self._recover(dht, f"its command pipe failed: {exc!r}")
+            raise DHTUnavailableError(f"could not send a call to the DHT process: {exc!r}") from exc
+        if future is None:
+            with self._lock:
+                self._recover(dht, "the DHT process stopped reading its command pipe", probe=True)
+            raise DHTUnavailableError("the DHT process is not reading its commands (hung?); checking it")
         return future
 
-    def _check_pending(self, dht: DHTProcess, future: MPFuture, deadline: float) -> None:
+    def _check_pending(self, dht: DHTProcess, future: Future, deadline: float) -> None:
         """While waiting for an answer: raise if the process died or the deadline passed."""
         if not dht.is_alive():
-            future.cancel()
-            reason = f"the DHT process died during a call (exit code {dht.exitcode})"
-            with self._lock:
-                self._recover(dht, reason)
-            raise DHTUnavailableError(f"{reason}; restarting it in the background")
+            dht.forget(future)
+            self._unwrap(dht, ("dead", None))
         if time.monotonic() >= deadline:
-            future.cancel()
+            dht.forget(future)
             with self._lock:
                 self._recover(dht, "a call got no answer by its deadline", probe=True)
             raise DHTUnavailableError("the DHT process did not answer within the call timeout; checking it")
 
-    @staticmethod
-    def _unwrap(outcome: tuple[str, object]) -> Any:
+    def _unwrap(self, dht: DHTProcess, outcome: Outcome) -> Any:
         status, payload = outcome
         if status == "ok":
             return payload
@@ -303,6 +293,11 @@ class DHTNode:
             raise DHTUnavailableError(
                 "the DHT call timed out (the DHT process is healthy; peers may be slow or unreachable)"
             )
+        if status == "dead":
+            reason = f"the DHT process died during a call (exit code {dht.exitcode})"
+            with self._lock:
+                self._recover(dht, reason)
+            raise DHTUnavailableError(f"{reason}; restarting it in the background")
         raise payload
 
     # ------------------------------------------------------------------ supervision
@@ -349,8 +344,8 @@ class DHTNode:
 
     def _answers_ping(self, dht: DHTProcess) -> bool:
         try:
-            future = self._submit(dht, calls.ping, time.monotonic() + _PROBE_TIMEOUT, wait_writable=True)
-            return future.result(timeout=_PROBE_TIMEOUT)[0] == "ok"
+            future = dht.submit(calls.ping, _PROBE_TIMEOUT, wait_writable=_PROBE_TIMEOUT)
+            return future is not None and future.result(timeout=_PROBE_TIMEOUT)[0] == "ok"
         except Exception:
             return False
 
@@ -397,25 +392,22 @@ class DHTNode:
         if self.announce_host is not None:
             options["announce_maddrs"] = [_maddr(self.announce_host, port)]
         options.update(self._dht_options)
-        return DHTProcess(
-            initial_peers=self.initial_peers or None,
-            start=True,
-            await_ready=False,
-            record_validators=self.record_validators,
-            shutdown_timeout=_SHUTDOWN_GRACE,
-            **options,
-        )
+        dht = DHTProcess(self.initial_peers or None, record_validators=self.record_validators, **options)
+        dht.start_serving()
+        return dht
 
     def _wait_ready(self, dht: DHTProcess) -> None:
         """Wait until the process reports ready; fail fast if it dies, errs, times out, or the node closes."""
         deadline = time.monotonic() + self.start_timeout
         while True:
-            try:
-                dht.wait_until_ready(timeout=_POLL_SECONDS)
-                return
-            except TimeoutError:
-                pass
-            if not dht.is_alive():
+            outcome = dht.wait_ready(_POLL_SECONDS)
+            if outcome is not None:
+                status, payload = outcome
+                if status == "ok":
+                    return
+                if status == "error":
+                    raise DHTUnavailableError(f"the DHT node failed to start: {payload!r}")
+            if outcome is not None or not dht.is_alive():
                 raise DHTUnavailableError(f"the DHT process exited with code {dht.exitcode} before it was ready")
             if self._closed:
                 raise DHTUnavailableError("the DHT node was shut down while starting")
@@ -423,34 +415,14 @@ class DHTNode:
                 raise DHTUnavailableError(f"the DHT process was not ready after {self.start_timeout:.0f} s")
 
     def _describe(self, dht: DHTProcess) -> tuple[str, list[str]]:
-        future = self._submit(dht, calls.describe, time.monotonic() + self.start_timeout, wait_writable=True)
-        status, payload = future.result(timeout=self.start_timeout)
+        future = dht.submit(calls.describe, self.start_timeout, wait_writable=self.start_timeout)
+        status, payload = future.result(timeout=self.start_timeout + 1.0) if future else ("hung", None)
         if status != "ok":
-            raise DHTUnavailableError(f"the new DHT process did not describe itself: {payload}")
+            raise DHTUnavailableError(f"the new DHT process did not describe itself: {status} {payload!r}")
         return payload
 
     def _stop_process(self, dht: DHTProcess, *, graceful: bool) -> None:
-        """Stop `dht` within a bounded time: ask it to shut down, then SIGTERM, then SIGKILL."""
-        try:
-            if graceful and dht.is_alive():
-                with self._send_lock:
-                    if _writable(dht._outer_pipe, 0.5):
-                        dht._outer_pipe.send(("_shutdown", [], {}))
-                dht.join(_SHUTDOWN_GRACE)
-            if dht.is_alive():
-                dht.terminate()
-                dht.join(1.0)
-            if dht.is_alive():
-                dht.kill()
-                dht.join(2.0)
-        except Exception as exc:
-            logger.warning("error while stopping the DHT process %s: %r", dht.pid, exc)
-        finally:
-            for pipe in (dht._outer_pipe, dht._inner_pipe):
-                try:
-                    pipe.close()
-                except OSError:
-                    pass
+        dht.shutdown(graceful=graceful, grace=_SHUTDOWN_GRACE)
 
     def _cleanup_files(self) -> None:
         if self._tmp_dir is not None:
@@ -474,13 +446,6 @@ def _monitor(node_ref: weakref.ref, stop: threading.Event, period: float) -> Non
                 elif not dht.is_alive():
                     node._recover(dht, f"the DHT process died (exit code {dht.exitcode})")
         del node
-
-
-def _writable(pipe, timeout: float) -> bool:
-    """True if `pipe` accepts a write within `timeout` seconds (a full pipe means a reader that stopped)."""
-    poller = select.poll()
-    poller.register(pipe.fileno(), select.POLLOUT)
-    return bool(poller.poll(timeout * 1000.0))
 
 
 def _maddr(host: str, port: int) -> str:

@@ -98,21 +98,33 @@ def grid_prefixes(uid: str) -> list[tuple[str, int]]:
 def make_expert_value(
     endpoint: str, peer_id: str, expert_cls: str = "", load: Mapping[str, object] | None = None
 ) -> dict:
-    """Build the value of an expert record; raises ValueError if it would be rejected by `check_expert_value`."""
+    """Build the value of an expert record; raises ValueError if it would be rejected by `check_expert_value`.
+
+    The load figures are advisory, so they are coerced rather than refused: missing, negative or non-finite
+    figures become 0 and huge ones are capped.
+    """
     load = load or {}
     value = {
         "endpoint": endpoint,
         "peer_id": peer_id,
         "expert_cls": expert_cls,
         "load": {
-            "queue_size": int(load.get("queue_size", 0)),
-            "tokens_per_second": float(load.get("tokens_per_second", 0.0)),
+            "queue_size": int(_clamp(load.get("queue_size", 0), MAX_QUEUE_SIZE)),
+            "tokens_per_second": float(_clamp(load.get("tokens_per_second", 0.0), MAX_TOKENS_PER_SECOND)),
         },
     }
     error = check_expert_value(value, peer_id)
     if error is not None:
         raise ValueError(f"invalid expert record: {error}")
     return value
+
+
+def _clamp(figure: object, upper: float) -> float:
+    try:
+        figure = float(figure)
+    except (TypeError, ValueError):
+        return 0.0
+    return min(figure, upper) if figure > 0 else 0.0  # NaN > 0 is False
 
 
 def make_prefix_value(uid: str) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import threading
@@ -27,12 +28,9 @@ def run_async(coro) -> None:
 
 
 def _add_dht_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one")
-    parser.add_argument("--announce-host", default=None, help="address other machines use to reach this node")
-    parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="DHT nodes to join")
-    parser.add_argument("--addr-file", default=None, help="write this node's multiaddrs here, one per line")
-    parser.add_argument("--identity", default=None, help="libp2p identity file (created if missing): a fixed peer id")
+    from dmoe_cli.configs import DHTConfig
+
+    add_config_arguments(parser, DHTConfig)
 
 
 def _run_dht(args: argparse.Namespace) -> int:
@@ -83,10 +81,14 @@ def _run_peer(args: argparse.Namespace) -> int:
 
 
 def _add_status_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="DHT nodes to ask")
-    parser.add_argument("--prefix", default="ffn", help="expert uid prefix to list")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the DHT")
+    from dmoe_cli.configs import StatusConfig
+
+    add_config_arguments(parser, StatusConfig, skip=("initial_peers",))
+    from_env = os.environ.get("DMOE_INITIAL_PEERS", "").replace(",", " ").split()
+    parser.add_argument(
+        "--initial-peers", nargs="+", default=from_env, required=not from_env, metavar="MADDR",
+        help="DHT nodes to ask [DMOE_INITIAL_PEERS; required unless that is set]",
+    )
 
 
 def _run_status(args: argparse.Namespace) -> int:

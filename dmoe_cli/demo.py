@@ -31,10 +31,21 @@ class DemoConfig:
     samples: int = _opt(3, "lines of text to sample at the end")
     workdir: str | None = _opt(None, "where the client checkpoint and logs go (default: a temporary directory)")
     threads: int | None = _opt(1, "torch threads of the client process (the peers get the other cores)")
+    chaos: bool = _opt(
+        False,
+        "chaos: SIGKILL a random peer every --chaos-kill-every seconds while training, and restart it "
+        "from its checkpoints",
+    )
+    chaos_kill_every: float = _opt(10.0, "seconds between two kills in --chaos mode", metavar="SECONDS")
 
 
 def run_demo(config: DemoConfig, *, verbose: bool = False) -> int:
-    """Start a swarm, train over it, sample, and shut everything down; 0 when the loss fell."""
+    """Start a swarm, train over it, sample, and shut everything down; 0 when the loss fell.
+
+    With `chaos`, peers are SIGKILLed and restarted while training (see `dmoe_cli.chaos`); then 0 also needs
+    every restarted peer to have resumed its experts' checkpointed update counts.
+    """
+    from dmoe_cli.chaos import Chaos, prepare_chaos
     from dmoe_cli.swarm import LocalSwarm, SwarmConfig
     from router_client.training import InferConfig, TrainConfig, infer, train
 
@@ -48,6 +59,10 @@ def run_demo(config: DemoConfig, *, verbose: bool = False) -> int:
         log_dir=str(workdir / "logs"),
         extra_peer_args=["--compute-threads", "1", "--lr", "3e-3"],
     )
+    if config.chaos:
+        swarm_config.chaos_kill_every, swarm_config.chaos_restart = config.chaos_kill_every, True
+        swarm_config.checkpoint_dir = str(workdir / "checkpoints")
+        chaos_line = prepare_chaos(swarm_config, workdir)
     started = time.monotonic()
     print(f"== dmoe demo: starting a local swarm of {config.peers} peers (logs in {workdir / 'logs'})", flush=True)
     with LocalSwarm(swarm_config, verbose=verbose) as swarm:
@@ -60,6 +75,12 @@ def run_demo(config: DemoConfig, *, verbose: bool = False) -> int:
         print(
             f"== training a byte-level transformer on the Python standard library for {config.steps} steps", flush=True
         )
+        chaos = None
+        if config.chaos:
+            print(f"== {chaos_line}", flush=True)
+            chaos = Chaos(
+                swarm, config.chaos_kill_every, restart=True, on_event=lambda e: print("   " + e.describe(), flush=True)
+            )
         train_config = TrainConfig(
             initial_peers=swarm.initial_peers,
             steps=config.steps,
@@ -75,12 +96,19 @@ def run_demo(config: DemoConfig, *, verbose: bool = False) -> int:
             threads=config.threads,
             sample_chars=0,
         )
-        summary = train(train_config, progress=True)
+        if chaos is None:
+            summary = train(train_config, progress=True)
+        else:
+            with chaos:  # the progress bar would garble the chaos events: no bar
+                summary = train(train_config, progress=False)
+            chaos.join(60.0)
         print(
             f"== loss {summary['initial_loss']:.3f} → {summary['final_loss']:.3f} in {summary['steps']} steps, "
             f"{summary['tokens_per_second']:.0f} tokens/s; expert calls: {_describe(summary.get('expert_stats', {}))}",
             flush=True,
         )
+        if chaos is not None:
+            print(f"== {chaos.summary()}; {summary['failed_steps']} failed training steps", flush=True)
         print("== samples (prompt 'def '):", flush=True)
         for index in range(config.samples):
             text = infer(
@@ -95,7 +123,8 @@ def run_demo(config: DemoConfig, *, verbose: bool = False) -> int:
             line = ("def " + text).splitlines()[0] if text else "def "
             print(f"   {line[:100]}", flush=True)
     print(f"== done in {time.monotonic() - started:.0f} s; the swarm is stopped", flush=True)
-    return 0 if summary["final_loss"] < summary["initial_loss"] else 1
+    resumed_ok = chaos is None or not chaos.mismatches()
+    return 0 if summary["final_loss"] < summary["initial_loss"] and resumed_ok else 1
 
 
 def _describe(stats: dict) -> str:

@@ -38,10 +38,10 @@ PEER_STOP_TIMEOUT = 20.0  # a peer finishes in-flight work (shutdown_grace, 10 s
 DHT_STOP_TIMEOUT = 5.0
 KILL_WAIT = 5.0
 
-# How a Python program reaches the swarm; update when router_client's constructor settles.
+# How a Python program reaches the swarm.
 PYTHON_SNIPPET = """\
     from router_client import RemoteMixtureOfExperts
-    moe = RemoteMixtureOfExperts(..., initial_peers={initial_peers!r})  # experts {first} … {last}, hidden {hidden}"""
+    moe = RemoteMixtureOfExperts({hidden}, ({count},), "{prefix}", k_best=2, initial_peers={initial_peers!r})"""
 
 
 def _opt(default, help: str, **extra):
@@ -65,11 +65,21 @@ class SwarmConfig:
     expert_cls: str = _opt("ffn", "expert class: ffn, swiglu, or one registered by a custom module")
     addr_file: str | None = _opt(None, "write the DHT node's multiaddrs here, one per line")
     checkpoint_dir: str | None = _opt(None, "expert checkpoints: peer i saves to and resumes from DIR/peer-<i>")
+    checkpoint_every: float | None = _opt(
+        None, "seconds between the peers' periodic checkpoints (default: the peer's own, or half the chaos interval)"
+    )
     extra_peer_args: list[str] = _opt(
         (), "more `dmoe peer` flags for every peer (on the command line, simpler after `--`)", nargs="*"
     )
     startup_timeout: float = _opt(60.0, "seconds the DHT node, and then all the peers, may take to become ready")
     log_dir: str | None = _opt(None, "directory for the processes' logs (default: a new temporary directory)")
+    chaos_kill_every: float | None = _opt(
+        None, "chaos mode: SIGKILL a random peer every SECONDS, printing each kill", metavar="SECONDS"
+    )
+    chaos_restart: bool = _opt(
+        False, "chaos mode: restart each killed peer at once; it resumes its experts from their checkpoints"
+    )
+    chaos_seed: int | None = _opt(None, "chaos mode: seed for the choice of peers to kill (default: random)")
 
 
 class SwarmStartError(RuntimeError):
@@ -246,6 +256,14 @@ class LocalSwarm:
         """The log file of peer `index` (its restarts append to it)."""
         return self.log_dir / f"peer-{index}.log"
 
+    def peer_output(self, index: int) -> str:
+        """What the current run of peer `index` has printed so far (since its last start or restart)."""
+        return self._peers[index].output()
+
+    def peer_checkpoint_dir(self, index: int) -> Path | None:
+        """Where peer `index` keeps its experts' checkpoints (None without `checkpoint_dir`)."""
+        return Path(self.config.checkpoint_dir) / f"peer-{index}" if self.config.checkpoint_dir else None
+
     def start(self) -> None:
         """Start the DHT node, then every peer concurrently; return once all are ready."""
         with self._lock:
@@ -291,7 +309,9 @@ class LocalSwarm:
             "--port", "0",
         ]
         if config.checkpoint_dir:
-            args += ["--checkpoint-dir", str(Path(config.checkpoint_dir) / f"peer-{index}")]
+            args += ["--checkpoint-dir", str(self.peer_checkpoint_dir(index))]
+        if config.checkpoint_every is not None:
+            args += ["--checkpoint-every", f"{config.checkpoint_every:g}"]
         args += list(config.extra_peer_args)
         return _Process(f"peer {index}", args, self.peer_log(index))
 
@@ -346,7 +366,8 @@ class LocalSwarm:
         """Start peer `index` again with the same arguments (and checkpoint dir); it may get a new port.
 
         A peer still running is stopped first with SIGTERM. Returns once it is ready; `peer_endpoints[index]`
-        then holds its new endpoint.
+        then holds its new endpoint. The swarm is not locked while the peer starts, so other peers can be
+        killed and restarted meanwhile (chaos mode does); SwarmStartError when it does not become ready.
         """
         with self._lock:
             if self._spawner is None:
@@ -356,14 +377,17 @@ class LocalSwarm:
                 self.kill_peer(index, signal.SIGTERM)
             child.sweep()
             child.spawn(self._spawner, self._env)
-            try:
-                (endpoint,) = self._wait_ready([child], PEER_READY, self.config.startup_timeout)
-            except SwarmStartError:
+        try:
+            (endpoint,) = self._wait_ready([child], PEER_READY, self.config.startup_timeout)
+        except SwarmStartError:
+            with self._lock:
                 child.sweep()
                 child.wait(KILL_WAIT)
-                raise
+                child.reported_exit = True
+            raise
+        with self._lock:
             self.peer_endpoints[index] = endpoint
-            logger.info("%s restarted at %s", child.name, endpoint)
+        logger.info("%s restarted at %s", child.name, endpoint)
 
     def stop(self) -> None:
         """SIGTERM every peer, then the DHT node; SIGKILL whatever is left after a bounded wait. Idempotent."""
@@ -431,7 +455,7 @@ def _summary(swarm: LocalSwarm) -> str:
         "",
         "Connect to it:",
         f"    dmoe status --initial-peers {maddr} --prefix {config.prefix}",
-        PYTHON_SNIPPET.format(initial_peers=[maddr], first=uids[0], last=uids[-1], hidden=config.hidden_dim),
+        PYTHON_SNIPPET.format(initial_peers=[maddr], hidden=config.hidden_dim, count=len(uids), prefix=config.prefix),
         "",
         "Ctrl-C (or SIGTERM) stops the swarm.",
     ]
@@ -452,10 +476,16 @@ def run_swarm(config: SwarmConfig, *, verbose: bool = False) -> int:
         stopping.set()
         raise KeyboardInterrupt
 
-    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    from dmoe_cli.chaos import Chaos, prepare_chaos
+
     swarm = LocalSwarm(config, verbose=verbose)
+    chaos_line = prepare_chaos(swarm.config, swarm.log_dir)  # ValueError for impossible settings, before anything runs
+    chaos: Chaos | None = None
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         print(f"starting a DHT node and {config.peers} peers (logs in {swarm.log_dir}) ...", flush=True)
+        if chaos_line:
+            print(chaos_line, flush=True)
         try:
             swarm.start()
         except SwarmStartError as error:
@@ -464,6 +494,9 @@ def run_swarm(config: SwarmConfig, *, verbose: bool = False) -> int:
         if config.addr_file:
             Path(config.addr_file).write_text("".join(f"{m}\n" for m in swarm.initial_peers))
         print(_summary(swarm), flush=True)
+        if config.chaos_kill_every:
+            chaos = Chaos(swarm, config.chaos_kill_every, restart=config.chaos_restart, seed=config.chaos_seed)
+            chaos.start()
         while not stopping.wait(1.0):
             for child in swarm._newly_exited():
                 print(
@@ -475,8 +508,13 @@ def run_swarm(config: SwarmConfig, *, verbose: bool = False) -> int:
         pass
     finally:
         stopping.set()
+        if chaos is not None:
+            chaos.stop()
         print("stopping the swarm ...", flush=True)
         swarm.stop()
+        if chaos is not None:
+            chaos.join(10.0)
+            print(chaos.summary(), flush=True)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     print("swarm stopped", flush=True)

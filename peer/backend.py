@@ -28,8 +28,9 @@ class ExpertBackend:
 
     - `forward(inputs)` returns the outputs for a batch, without building a graph.
     - `backward(inputs, grad_outputs)` recomputes the forward with grad, returns the gradients of the inputs
-      and steps this expert's own optimizer (asynchronous expert updates, as in Learning@home). A gradient
-      that is NaN/Inf is not applied: the update is skipped and counted.
+      and steps this expert's own optimizer (asynchronous expert updates, as in Learning@home). The gradient
+      is clipped to `clip_grad_norm`; one that is NaN/Inf or whose norm exceeds `reject_grad_norm` is not
+      applied: the update is skipped and counted in `updates_skipped`.
     Randomness (dropout) differs between the forward and the recomputed one; experts should not rely on it.
     Not thread-safe: the peer calls every backend from its single compute thread.
     """
@@ -43,6 +44,7 @@ class ExpertBackend:
         optimizer: str = "adam",
         lr: float = 1e-3,
         clip_grad_norm: float | None = None,
+        reject_grad_norm: float = math.inf,
         device: str | torch.device = "cpu",
         seed: int | None = None,
     ):
@@ -55,6 +57,7 @@ class ExpertBackend:
         self.optimizer_name = optimizer
         self.optimizer = _make_optimizer(optimizer, self.module.parameters(), lr)
         self.clip_grad_norm = clip_grad_norm
+        self.reject_grad_norm = reject_grad_norm
         self.update_count = 0
         self.updates_skipped = 0
 
@@ -94,9 +97,9 @@ class ExpertBackend:
             self.module.zero_grad(set_to_none=True)
             return
         norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm or math.inf)
-        if not torch.isfinite(norm):
+        if not torch.isfinite(norm) or norm > self.reject_grad_norm:
             self.updates_skipped += 1
-            logger.warning("%s: skipped an update with a non-finite gradient norm", self.uid)
+            logger.warning("%s: skipped an update with gradient norm %.3g (poisoned or diverged)", self.uid, norm)
         else:
             self.optimizer.step()
             self.update_count += 1

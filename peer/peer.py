@@ -23,6 +23,7 @@ from peer.batching import BatchingQueue
 from peer.checkpoints import load_checkpoint, save_checkpoint
 from peer.config import PeerConfig
 from peer.experts import get_expert_class, load_custom_module
+from peer.security import ClientLimiter, SwarmKeyInterceptor, resolve_swarm_key, server_credentials
 from peer.servicer import SERVICE_NAME, ExpertServicer, HostedExpert
 from proto import expert_pb2
 
@@ -86,14 +87,17 @@ class Peer:
             experts,
             max_batch_size=config.max_batch_size,
             max_message_bytes=max_message_bytes,
+            limiter=ClientLimiter(max_concurrent=config.max_requests_per_client, rate=config.client_rate_limit),
             peer_id=lambda: self.dht_node.peer_id if self.dht_node is not None else "",
         )
+        swarm_key = resolve_swarm_key(config.swarm_key)
         self._server = grpc.aio.server(
+            interceptors=[SwarmKeyInterceptor(swarm_key)] if swarm_key else None,
             options=[
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         self._server.add_generic_rpc_handlers((self.servicer.generic_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -105,7 +109,14 @@ class Peer:
             ),
             self._server,
         )
-        self.port = self._server.add_insecure_port(f"{_bracket(config.host)}:{config.port}")
+        address = f"{_bracket(config.host)}:{config.port}"
+        if config.tls_cert or config.tls_key:
+            if not (config.tls_cert and config.tls_key):
+                raise ValueError("TLS needs both --tls-cert and --tls-key")
+            credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
+            self.port = self._server.add_secure_port(address, credentials)
+        else:
+            self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")
         await self._server.start()
@@ -129,6 +140,7 @@ class Peer:
             optimizer=config.optimizer,
             lr=config.lr,
             clip_grad_norm=config.clip_grad_norm,
+            reject_grad_norm=config.reject_grad_norm,
             device=config.device,
             seed=seed,
         )

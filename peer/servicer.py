@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError
 
 from peer.backend import ArgSpec, ExpertBackend
 from peer.batching import BatchingQueue, DeadlineExpiredError, QueueFullError
+from peer.security import ClientLimiter
 from proto import (
     TensorDecodeError,
     deserialize_tensor,
@@ -68,9 +69,11 @@ class ExpertServicer:
         *,
         max_batch_size: int,
         max_message_bytes: int,
+        limiter: ClientLimiter | None = None,
         peer_id: Callable[[], str] = lambda: "",
     ):
         self.experts = experts
+        self.limiter = limiter or ClientLimiter(max_concurrent=1 << 30, rate=0)
         self.max_batch_size = max_batch_size
         self.max_message_bytes = max_message_bytes
         self.peer_id = peer_id
@@ -155,12 +158,27 @@ class ExpertServicer:
     async def _run(self, uid: str, messages: list, context, *, backward: bool) -> list[torch.Tensor]:
         if self.closing:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "peer is shutting down; use another replica")
+        client = self.limiter.client_of(context)
+        refusal = self.limiter.admit(client)
+        if refusal is not None:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+        try:
+            return await self._run_admitted(uid, messages, context, backward=backward)
+        finally:
+            self.limiter.release(client)
+
+    async def _run_admitted(self, uid: str, messages: list, context, *, backward: bool) -> list[torch.Tensor]:
         expert = self.experts.get(uid)
         if expert is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"this peer does not host expert {uid!r}")
         backend = expert.backend
         specs = backend.input_specs + (backend.output_specs if backward else ())
         tensors = self._decode(uid, messages, specs)
+        if backward and not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+            backend.updates_skipped += 1
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"inputs or gradients for {uid} contain NaN/Inf; update refused"
+            )
         remaining = context.time_remaining()
         deadline = time.monotonic() + (DEFAULT_DEADLINE if remaining is None else remaining)
         queue = expert.backward_queue if backward else expert.forward_queue

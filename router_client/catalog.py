@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -20,11 +21,21 @@ class ExpertCatalog:
     `await catalog.snapshot(deadline)` returns the cached listing; when it is older than `ttl`, a refresh
     starts in the background and the cached one is still used (stale-while-revalidate). Only the very
     first call (or one after the listing came back empty) waits for the DHT, within the caller's deadline.
+    With `trusted_peers` (peer ids), replicas hosted by any other peer are ignored.
     Must be used from the router's event loop.
     """
 
-    def __init__(self, directory: ExpertDirectory, prefix: str, grid_size: tuple[int, ...], *, ttl: float = 5.0):
+    def __init__(
+        self,
+        directory: ExpertDirectory,
+        prefix: str,
+        grid_size: tuple[int, ...],
+        *,
+        ttl: float = 5.0,
+        trusted_peers: frozenset[str] | None = None,
+    ):
         self.directory, self.prefix, self.grid_size, self.ttl = directory, prefix.rstrip("."), tuple(grid_size), ttl
+        self.trusted_peers = trusted_peers
         self.uids: list[str] = []
         self.coords = np.zeros((0, len(self.grid_size)), dtype=np.int64)
         self.replicas: dict[str, list[ExpertReplica]] = {}
@@ -49,6 +60,8 @@ class ExpertCatalog:
             logger.warning("could not list experts under %r: %s", self.prefix, exc)
             self._fetched_at = time.monotonic() - self.ttl * 0.8  # retry soon
             return
+        if self.trusted_peers is not None:
+            listing = {uid: [r for r in rs if r.peer_id in self.trusted_peers] for uid, rs in listing.items()}
         uids, coords = [], []
         for uid in sorted(listing):
             _, grid = split_uid(uid)
@@ -61,3 +74,12 @@ class ExpertCatalog:
         self.replicas = {uid: listing[uid] for uid in uids}
         self._fetched_at = time.monotonic() - (self.ttl * 0.8 if not uids else 0.0)  # empty: look again soon
         logger.debug("catalog %s: %d live experts", self.prefix, len(uids))
+
+
+def load_trusted_peers(path: str) -> frozenset[str]:
+    """Peer ids from a file, one per line (blank lines and `#` comments ignored)."""
+    lines = Path(path).read_text().splitlines()
+    peers = frozenset(line.split("#", 1)[0].strip() for line in lines) - {""}
+    if not peers:
+        raise ValueError(f"{path} lists no peer ids: routing would have nowhere to go")
+    return peers

@@ -30,4 +30,16 @@ class RouterConfig:
     cache_ttl: float = _opt(5.0, "seconds the list of experts and their replicas is reused before a refresh")
     compression: str = _opt("none", "lossy compression of tensors on the wire", choices=("none", "float16", "8bit"))
     max_message_mb: int = _opt(64, "largest gRPC message; larger requests are sent in chunks over a stream")
-    check_outputs: bool = _opt(True, "reject (and ban) answers with NaN/Inf or the wrong shape")
+    check_outputs: bool = _opt(True, "reject (and ban) answers with NaN/Inf, the wrong shape or an outlying norm")
+    outlier_norm_factor: float = _opt(
+        20.0, "an answer whose norm is this many times the expert's running mean norm is rejected as poisoned"
+    )
+    swarm_key: str | None = _opt(None, "shared secret of a private swarm (default: DMOE_SWARM_KEY)")
+    tls_ca: str | None = _opt(None, "PEM CA bundle that peers' certificates must chain to: connect over TLS")
+    tls_cert: str | None = _opt(None, "PEM client certificate, for peers that require mutual TLS")
+    tls_key: str | None = _opt(None, "PEM private key of --tls-cert")
+    verify_fraction: float = _opt(
+        0.0, "fraction of forward requests also sent to a second replica and compared; liars are banned for good"
+    )
+    verify_tolerance: float = _opt(1e-3, "largest relative difference between two replicas' answers that still agrees")
+    trusted_peers: str | None = _opt(None, "file of trusted peer ids, one per line: route only to those peers")

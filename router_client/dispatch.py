@@ -13,6 +13,7 @@ import torch
 from dht import ExpertReplica
 from router_client.replicas import PeerScores
 from router_client.transport import ExpertCallError, ExpertTransport
+from router_client.verification import Verifier
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,14 @@ class Dispatcher:
         hedge: bool = False,
         hedge_min_delay: float = 0.02,
         check_outputs: bool = True,
+        outlier_norm_factor: float = 20.0,
+        verifier: Verifier | None = None,
     ):
         self.transport, self.scores = transport, scores
         self.hedge, self.hedge_min_delay, self.check_outputs = hedge, hedge_min_delay, check_outputs
+        self.outlier_norm_factor = outlier_norm_factor
+        self.verifier = verifier
+        self._mean_norms: dict[str, tuple[int, float]] = {}  # uid -> (answers seen, running mean token norm)
 
     async def run(
         self,
@@ -168,13 +174,15 @@ class Dispatcher:
                     replica, started = attempts.pop(task)
                     try:
                         outputs = task.result()
-                        self._check(outputs, expected, replica, job.uid)
+                        self._check(outputs, expected, replica, job.uid, backward=backward)
                     except (ExpertCallError, AnomalousAnswerError) as exc:
                         reason = exc.reason if isinstance(exc, ExpertCallError) else str(exc)
                         errors.append(f"{replica.endpoint}: {reason}")
                         self.scores.record_failure(replica.endpoint, reason)
                         continue
                     self.scores.record_success(replica.endpoint, time.monotonic() - started)
+                    if self.verifier is not None and not backward:
+                        self.verifier.maybe_verify(job.uid, inputs, outputs, replica, replicas)
                     return JobResult(outputs=outputs, replica=replica)
                 if not attempts and next_replica < len(ordered) and time.monotonic() < deadline:
                     launch()  # failover inside the same deadline
@@ -185,7 +193,9 @@ class Dispatcher:
             errors.append("deadline passed")
         return JobResult(error="; ".join(errors))
 
-    def _check(self, outputs: list[torch.Tensor], expected: list[tuple[int, ...]], replica, uid: str) -> None:
+    def _check(
+        self, outputs: list[torch.Tensor], expected: list[tuple[int, ...]], replica, uid: str, *, backward: bool
+    ) -> None:
         if not self.check_outputs:
             return
         shapes = [tuple(t.shape) for t in outputs]
@@ -194,3 +204,13 @@ class Dispatcher:
         for tensor in outputs:
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise AnomalousAnswerError(f"answer of {uid} contains NaN or Inf")
+        if backward or not outputs or not outputs[0].is_floating_point() or outputs[0].numel() == 0:
+            return
+        norm = float(outputs[0].float().flatten(1).norm(dim=1).mean()) if outputs[0].dim() > 1 else 0.0
+        seen, mean = self._mean_norms.get(uid, (0, 0.0))
+        if seen >= 8 and norm > self.outlier_norm_factor * max(mean, 1e-6):
+            raise AnomalousAnswerError(
+                f"answer of {uid} has norm {norm:.3g}, {norm / max(mean, 1e-6):.0f}x its running mean {mean:.3g}"
+            )
+        seen += 1
+        self._mean_norms[uid] = (seen, mean + (norm - mean) / min(seen, 100))

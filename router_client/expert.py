@@ -32,12 +32,7 @@ class RemoteExpert(nn.Module):
             import dataclasses
 
             self.config = dataclasses.replace(self.config, **router_options)
-        context = get_context(
-            compression=self.config.compression,
-            max_message_mb=self.config.max_message_mb,
-            ban_base=self.config.ban_base,
-            ban_max=self.config.ban_max,
-        )
+        context = get_context(self.config)
         self.dispatcher = Dispatcher(context.transport, context.scores, check_outputs=self.config.check_outputs)
         self.replica = ExpertReplica(uid=uid, endpoint=endpoint, peer_id="", expiration_time=float("inf"))
 

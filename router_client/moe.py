@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from router_client import background
-from router_client.catalog import ExpertCatalog
+from router_client.catalog import ExpertCatalog, load_trusted_peers
 from router_client.config import RouterConfig
 from router_client.dispatch import Dispatcher, ExpertJob, JobResult
 from router_client.swarm_client import get_context, get_directory
+from router_client.verification import Verifier
 
 logger = logging.getLogger(__name__)
 
@@ -65,20 +66,31 @@ class RemoteMixtureOfExperts(nn.Module):
         self.config = dataclasses.replace(config or RouterConfig(), **router_options)
         self.gate = nn.Linear(in_features, sum(self.grid_size))
         directory = get_directory(initial_peers, dht, cache_ttl=self.config.cache_ttl)
-        self.catalog = ExpertCatalog(directory, self.uid_prefix, self.grid_size, ttl=self.config.cache_ttl)
-        context = get_context(
-            compression=self.config.compression,
-            max_message_mb=self.config.max_message_mb,
-            ban_base=self.config.ban_base,
-            ban_max=self.config.ban_max,
+        trusted = load_trusted_peers(self.config.trusted_peers) if self.config.trusted_peers else None
+        self.catalog = ExpertCatalog(
+            directory, self.uid_prefix, self.grid_size, ttl=self.config.cache_ttl, trusted_peers=trusted
         )
+        context = get_context(self.config)
         self.scores = context.scores
+        self.verifier = (
+            Verifier(
+                context.transport,
+                context.scores,
+                fraction=self.config.verify_fraction,
+                tolerance=self.config.verify_tolerance,
+                timeout=self.config.forward_timeout,
+            )
+            if self.config.verify_fraction > 0
+            else None
+        )
         self.dispatcher = Dispatcher(
             context.transport,
             context.scores,
             hedge=self.config.hedge,
             hedge_min_delay=self.config.hedge_min_delay,
             check_outputs=self.config.check_outputs,
+            outlier_norm_factor=self.config.outlier_norm_factor,
+            verifier=self.verifier,
         )
         self.stats: collections.Counter = collections.Counter()
         self.aux_loss: torch.Tensor | None = None

@@ -17,6 +17,7 @@ class _PeerState:
     failures_in_a_row: int = 0
     banned_until: float = 0.0
     ban_reason: str = ""
+    permanent: bool = False
 
 
 class PeerScores:
@@ -38,20 +39,32 @@ class PeerScores:
         state = self._peers[endpoint]
         state.latency = latency if state.latency is None else 0.8 * state.latency + 0.2 * latency
         state.recent.append(latency)
-        state.failures_in_a_row, state.banned_until, state.ban_reason = 0, 0.0, ""
+        if not state.permanent:
+            state.failures_in_a_row, state.banned_until, state.ban_reason = 0, 0.0, ""
 
     def record_failure(self, endpoint: str, reason: str) -> None:
         """A call to `endpoint` failed: ban it with exponential backoff."""
         state = self._peers[endpoint]
+        if state.permanent:
+            return
         state.failures_in_a_row += 1
         duration = min(self.ban_max, self.ban_base * 2 ** (state.failures_in_a_row - 1))
         state.banned_until = time.monotonic() + duration
         state.ban_reason = reason
 
+    def ban_forever(self, endpoint: str, reason: str) -> None:
+        """Ban `endpoint` for the rest of this run (caught lying); it is never tried again."""
+        state = self._peers[endpoint]
+        state.banned_until, state.ban_reason, state.permanent = float("inf"), reason, True
+
     def is_banned(self, endpoint: str) -> bool:
         """Whether `endpoint` is banned right now."""
         state = self._peers.get(endpoint)
         return state is not None and state.banned_until > time.monotonic()
+
+    def _is_permanently_banned(self, endpoint: str) -> bool:
+        state = self._peers.get(endpoint)
+        return state is not None and state.permanent
 
     def banned(self) -> dict[str, str]:
         """Endpoints banned right now, with the reason."""
@@ -65,7 +78,8 @@ class PeerScores:
         return (latency + 1e-3) * (1.0 + 0.25 * replica.queue_size)
 
     def order(self, replicas: list[ExpertReplica], preferred: str | None = None) -> list[ExpertReplica]:
-        """Replicas best first; `preferred` (an endpoint) goes first unless banned."""
+        """Replicas best first; `preferred` (an endpoint) goes first unless banned; liars are left out."""
+        replicas = [r for r in replicas if not self._is_permanently_banned(r.endpoint)]
         shuffled = random.sample(replicas, len(replicas))  # ties are broken at random: spreads the load
         return sorted(
             shuffled,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 
 from dht import DHTNode, ExpertDirectory
 from proto import COMPRESSION_NONE
 from router_client import background
+from router_client.config import RouterConfig
 from router_client.replicas import PeerScores
-from router_client.transport import COMPRESSIONS, ExpertTransport
+from router_client.transport import COMPRESSIONS, ExpertTransport, channel_credentials
 
 _lock = threading.Lock()
 _nodes: dict[tuple[str, ...], DHTNode] = {}
@@ -47,17 +49,29 @@ class RouterContext:
 _contexts: dict[tuple, RouterContext] = {}
 
 
-def get_context(
-    *, compression: str = "none", max_message_mb: int = 64, ban_base: float = 1.0, ban_max: float = 60.0
-) -> RouterContext:
-    """The shared transport (channels reused per endpoint) and scores for these settings."""
-    key = (compression, max_message_mb, ban_base, ban_max)
+def get_context(config: RouterConfig) -> RouterContext:
+    """The shared transport (channels reused per endpoint) and peer scores for these router settings."""
+    swarm_key = config.swarm_key or os.environ.get("DMOE_SWARM_KEY") or None
+    key = (
+        config.compression,
+        config.max_message_mb,
+        config.ban_base,
+        config.ban_max,
+        swarm_key,
+        config.tls_ca,
+        config.tls_cert,
+        config.tls_key,
+    )
     background.get_loop()
     with _lock:
         context = _contexts.get(key)
         if context is None:
             transport = ExpertTransport(
-                max_message_bytes=max_message_mb << 20, compression=COMPRESSIONS.get(compression, COMPRESSION_NONE)
+                max_message_bytes=config.max_message_mb << 20,
+                compression=COMPRESSIONS.get(config.compression, COMPRESSION_NONE),
+                swarm_key=swarm_key,
+                credentials=channel_credentials(config.tls_ca, config.tls_cert, config.tls_key),
             )
-            context = _contexts[key] = RouterContext(transport, PeerScores(ban_base=ban_base, ban_max=ban_max))
+            scores = PeerScores(ban_base=config.ban_base, ban_max=config.ban_max)
+            context = _contexts[key] = RouterContext(transport, scores)
         return context

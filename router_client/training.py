@@ -65,8 +65,9 @@ class TrainConfig:
     lr: float = _opt(3e-3, "AdamW learning rate of the client's own weights (the gates included)")
     weight_decay: float = _opt(0.01, "AdamW weight decay")
     grad_clip: float | None = _opt(1.0, "clip the client's gradient to this norm (none to disable)")
-    ffn: str = _opt("remote", "FFN of each block: remote experts, or a local stand-in (no swarm)",
-                    choices=("remote", "local"))
+    ffn: str = _opt(
+        "remote", "FFN of each block: remote experts, or a local stand-in (no swarm)", choices=("remote", "local")
+    )
     grid_size: list[int] = _opt((8,), "expert grid: 8 for ffn.0..ffn.7, '4 4' for ffn.0.0..ffn.3.3", nargs="+")
     uid_prefix: str = _opt("ffn", "uid prefix of the experts to route to")
     k_best: int = _opt(2, "experts each token is sent to")
@@ -83,8 +84,11 @@ class TrainConfig:
     eval_every: int = _opt(50, "steps between validation losses (0 disables)")
     eval_batches: int = _opt(4, "batches per validation loss")
     seed: int = _opt(0, "seed of the client's initial weights and of the batch sampler")
-    threads: int | None = _opt(None, "torch intra-op threads of this process (default: torch's choice; 1 is "
-                               "often faster for this small model on a busy machine)")
+    threads: int | None = _opt(
+        None,
+        "torch intra-op threads of this process (default: torch's choice; 1 is "
+        "often faster for this small model on a busy machine)",
+    )
     sample_chars: int = _opt(200, "bytes of text to sample at the end of training (0 to skip)")
 
 
@@ -108,17 +112,26 @@ class InferConfig:
 def model_config_from(config: TrainConfig) -> ModelConfig:
     """The model shape a `TrainConfig` asks for."""
     return ModelConfig(
-        block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
-        dropout=config.dropout, grid_size=tuple(config.grid_size), uid_prefix=config.uid_prefix,
-        k_best=config.k_best, aux_loss_weight=config.aux_loss_weight, ffn=config.ffn,
+        block_size=config.block_size,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_embd=config.n_embd,
+        dropout=config.dropout,
+        grid_size=tuple(config.grid_size),
+        uid_prefix=config.uid_prefix,
+        k_best=config.k_best,
+        aux_loss_weight=config.aux_loss_weight,
+        ffn=config.ffn,
     )
 
 
 def router_kwargs_from(config: TrainConfig | InferConfig) -> dict[str, Any]:
     """Keyword arguments for `RemoteMixtureOfExperts` taken from a job's config."""
     kwargs: dict[str, Any] = dict(
-        initial_peers=list(config.initial_peers) or None, k_min=config.k_min,
-        forward_timeout=config.forward_timeout, timeout_after_k_min=config.timeout_after_k_min,
+        initial_peers=list(config.initial_peers) or None,
+        k_min=config.k_min,
+        forward_timeout=config.forward_timeout,
+        timeout_after_k_min=config.timeout_after_k_min,
         allow_zero_outputs=config.allow_zero_outputs,
     )
     if isinstance(config, TrainConfig):
@@ -127,6 +140,7 @@ def router_kwargs_from(config: TrainConfig | InferConfig) -> dict[str, Any]:
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
+
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write `state` to `path` atomically: a temporary file in the same folder, fsync, then rename over `path`."""
@@ -170,6 +184,7 @@ def load_model(
 
 
 # ---- training ----------------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def estimate_loss(model: CharTransformer, data: torch.Tensor, batches: int, batch_size: int, seed: int) -> float:
@@ -247,8 +262,7 @@ def train(config: TrainConfig, *, make_ffn: FFNFactory | None = None, progress: 
         val_data = train_data  # a tiny corpus: validate on the training text rather than fail
     torch.manual_seed(config.seed)
     model = CharTransformer(model_config, make_ffn=make_ffn, router_kwargs=router_kwargs_from(config))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99),
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
     batch_rng = torch.Generator().manual_seed(config.seed)
     step = 0
 
@@ -257,10 +271,13 @@ def train(config: TrainConfig, *, make_ffn: FFNFactory | None = None, progress: 
         state = load_checkpoint(checkpoint)
         saved = ModelConfig(**state["model_config"])
         if saved != model_config:
-            changed = {k: (v, getattr(model_config, k)) for k, v in vars(saved).items()
-                       if getattr(model_config, k) != v}
-            raise ValueError(f"{checkpoint} holds a different model (saved vs asked: {changed}); "
-                             "use --no-resume or another --checkpoint")
+            changed = {
+                k: (v, getattr(model_config, k)) for k, v in vars(saved).items() if getattr(model_config, k) != v
+            }
+            raise ValueError(
+                f"{checkpoint} holds a different model (saved vs asked: {changed}); "
+                "use --no-resume or another --checkpoint"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         batch_rng.set_state(state["batch_rng"])
@@ -268,11 +285,18 @@ def train(config: TrainConfig, *, make_ffn: FFNFactory | None = None, progress: 
         logger.info("resumed %s at step %d", checkpoint, step)
 
     def save() -> None:
-        save_checkpoint(checkpoint, {
-            "format": CHECKPOINT_FORMAT, "step": step, "model_config": dataclasses.asdict(model_config),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "batch_rng": batch_rng.get_state(),
-            "train_config": dataclasses.asdict(config),
-        })
+        save_checkpoint(
+            checkpoint,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "step": step,
+                "model_config": dataclasses.asdict(model_config),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "batch_rng": batch_rng.get_state(),
+                "train_config": dataclasses.asdict(config),
+            },
+        )
         logger.debug("saved %s at step %d", checkpoint, step)
 
     def evaluate() -> float:
@@ -318,8 +342,13 @@ def train(config: TrainConfig, *, make_ffn: FFNFactory | None = None, progress: 
             stats = expert_stats(model)
             elapsed = time.perf_counter() - started
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{(step - start_step) * tokens_per_step / elapsed:.0f}",
-                            failed=_count(stats, "fail"), masked=_count(stats, "mask"), refresh=False)
+            bar.set_postfix(
+                loss=f"{losses[-1]:.3f}",
+                tok_s=f"{(step - start_step) * tokens_per_step / elapsed:.0f}",
+                failed=_count(stats, "fail"),
+                masked=_count(stats, "mask"),
+                refresh=False,
+            )
             if config.save_every and step % config.save_every == 0:
                 save()
         interrupted = stop.is_set() and step < config.steps
@@ -338,22 +367,32 @@ def train(config: TrainConfig, *, make_ffn: FFNFactory | None = None, progress: 
             logger.warning("sampling failed: %s", error)
     steps_run = step - start_step
     return {
-        "step": step, "steps": steps_run,
+        "step": step,
+        "steps": steps_run,
         "initial_loss": losses[0] if losses else None,
         "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
         "val_loss": val_loss,
         "tokens_per_second": steps_run * tokens_per_step / elapsed if elapsed > 0 else 0.0,
         "steps_per_second": steps_run / elapsed if elapsed > 0 else 0.0,
-        "elapsed": elapsed, "failed_steps": failed_steps, "interrupted": interrupted,
-        "expert_stats": expert_stats(model), "checkpoint": str(checkpoint), "sample": text,
+        "elapsed": elapsed,
+        "failed_steps": failed_steps,
+        "interrupted": interrupted,
+        "expert_stats": expert_stats(model),
+        "checkpoint": str(checkpoint),
+        "sample": text,
     }
 
 
 # ---- inference ---------------------------------------------------------------------------------------------
 
+
 def _generate_text(
-    model: CharTransformer, prompt: str, max_new_tokens: int, temperature: float,
-    top_k: int | None = None, seed: int | None = None,
+    model: CharTransformer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None = None,
+    seed: int | None = None,
 ) -> str:
     """The continuation of `prompt`: `max_new_tokens` bytes decoded as UTF-8 (invalid bytes become U+FFFD)."""
     prompt_bytes = prompt.encode("utf-8") or b"\n"
@@ -365,7 +404,7 @@ def _generate_text(
         out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
     finally:
         model.train(was_training)
-    return bytes(out[0, idx.shape[1]:].tolist()).decode("utf-8", errors="replace")
+    return bytes(out[0, idx.shape[1] :].tolist()).decode("utf-8", errors="replace")
 
 
 def sample(
@@ -393,5 +432,6 @@ def sample(
 
 def infer(config: InferConfig, make_ffn: FFNFactory | None = None) -> str:
     """Run `dmoe infer`: the continuation of `config.prompt` sampled from `config.checkpoint`."""
-    return sample(config, config.prompt, config.max_new_tokens, config.temperature, make_ffn,
-                  top_k=config.top_k, seed=config.seed)
+    return sample(
+        config, config.prompt, config.max_new_tokens, config.temperature, make_ffn, top_k=config.top_k, seed=config.seed
+    )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
+
 import grpc
 import torch
 
@@ -17,6 +20,8 @@ from proto import (
     split_tensor,
 )
 
+SWARM_KEY_METADATA = "dmoe-swarm-key"  # the same names the peer reads
+CLIENT_ID_METADATA = "dmoe-client-id"
 COMPRESSIONS = {"none": COMPRESSION_NONE, "float16": COMPRESSION_FLOAT16, "8bit": COMPRESSION_BLOCKWISE_8BIT}
 _METHOD = "/dmoe.v1.ExpertService/"
 
@@ -29,6 +34,21 @@ class ExpertCallError(Exception):
         self.endpoint, self.uid, self.reason, self.code = endpoint, uid, reason, code
 
 
+def channel_credentials(ca: str | None, cert: str | None = None, key: str | None = None):
+    """TLS credentials for peers whose certificates chain to `ca` (None: plain TCP); cert+key for mutual TLS."""
+    if ca is None:
+        if cert or key:
+            raise ValueError("client certificates need tls_ca too (the CA that signed the peers' certificates)")
+        return None
+    if bool(cert) != bool(key):
+        raise ValueError("mutual TLS needs both tls_cert and tls_key")
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes(),
+        private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None,
+    )
+
+
 class ExpertTransport:
     """Sends Forward/Backward requests to peers. Must be used from a single event loop (the router's).
 
@@ -36,9 +56,19 @@ class ExpertTransport:
     the streaming variant. `compression` (a `COMPRESSION_*` value) applies to floating tensors both ways.
     """
 
-    def __init__(self, *, max_message_bytes: int = 64 << 20, compression: int = COMPRESSION_NONE):
+    def __init__(
+        self,
+        *,
+        max_message_bytes: int = 64 << 20,
+        compression: int = COMPRESSION_NONE,
+        swarm_key: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ):
         self.max_message_bytes = max_message_bytes
         self.compression = compression
+        client_id = ((CLIENT_ID_METADATA, uuid.uuid4().hex[:16]),)
+        self.metadata = (((SWARM_KEY_METADATA, swarm_key),) if swarm_key else ()) + client_id
+        self.credentials = credentials
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def channel(self, endpoint: str) -> grpc.aio.Channel:
@@ -51,7 +81,11 @@ class ExpertTransport:
                 ("grpc.enable_retries", 0),
                 ("grpc.keepalive_time_ms", 60_000),
             ]
-            channel = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=options)
+            if self.credentials is not None:
+                channel = grpc.aio.secure_channel(endpoint, self.credentials, options=options)
+            else:
+                channel = grpc.aio.insecure_channel(endpoint, options=options)
+            self._channels[endpoint] = channel
         return channel
 
     async def call(
@@ -72,6 +106,7 @@ class ExpertTransport:
                         uid=uid, tensors=messages, response_compression=self.compression
                     ).SerializeToString(),
                     timeout=timeout,
+                    metadata=self.metadata,
                 )
                 parts = response.tensors
             else:
@@ -100,7 +135,7 @@ class ExpertTransport:
         call = self.channel(endpoint).stream_stream(
             _METHOD + ("BackwardStream" if backward else "ForwardStream"),
             response_deserializer=expert_pb2.ExpertResponse.FromString,
-        )(requests(), timeout=timeout)
+        )(requests(), timeout=timeout, metadata=self.metadata)
         return [part async for response in call for part in response.tensors]
 
     async def close(self) -> None:

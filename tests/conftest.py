@@ -9,16 +9,18 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 
+from dht import DHTNode, ExpertDirectory
 from peer import Peer, PeerConfig
 from proto import expert_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
+HIDDEN = 16
 DMOE = [sys.executable, "-m", "dmoe_cli"]
 
 
@@ -120,3 +122,37 @@ def peer_processes() -> Iterator[list]:
     finally:
         for process in started:
             process.kill()
+
+
+@pytest.fixture
+def dht_node() -> Iterator[DHTNode]:
+    node = DHTNode()
+    try:
+        yield node
+    finally:
+        node.shutdown()
+
+
+@contextmanager
+def swarm(dht_node: DHTNode, *peer_configs: dict) -> Iterator[list[Peer]]:
+    """In-process peers announcing to `dht_node`; waits until every expert is listed."""
+    with ExitStack() as stack:
+        peers = []
+        for config in peer_configs:
+            config = {"hidden_dim": HIDDEN, "seed": 0, "initial_peers": dht_node.visible_maddrs(), **config}
+            peers.append(stack.enter_context(running_peer(announce=True, **config)))
+        wait_for_experts(dht_node, sum((p.uids for p in peers), []))
+        yield peers
+
+
+def wait_for_experts(node: DHTNode, uids: list[str], timeout: float = 20.0) -> None:
+    """Wait until every replica of `uids` (a uid listed twice needs two replicas) is in the DHT."""
+    directory = ExpertDirectory(node, cache_ttl=0)
+    wanted = {uid: uids.count(uid) for uid in uids}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = directory.get(sorted(wanted), use_cache=False)
+        if all(len(found.get(uid, [])) >= count for uid, count in wanted.items()):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"experts {uids} did not appear in the DHT")

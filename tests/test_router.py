@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import textwrap
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 
 import pytest
 import torch
 
 from dht import DHTNode, ExpertDirectory
 from router_client import RemoteExpert, RemoteExpertError, RemoteMixtureOfExperts
-from tests.conftest import PeerProcess, running_peer
-
-HIDDEN = 16
+from tests.conftest import HIDDEN, PeerProcess, swarm, wait_for_experts
 
 CUSTOM_EXPERTS = textwrap.dedent("""
     import time
@@ -43,42 +39,10 @@ CUSTOM_EXPERTS = textwrap.dedent("""
 
 
 @pytest.fixture
-def dht_node() -> Iterator[DHTNode]:
-    node = DHTNode()
-    try:
-        yield node
-    finally:
-        node.shutdown()
-
-
-@pytest.fixture
 def custom_module(tmp_path) -> str:
     path = tmp_path / "custom_experts.py"
     path.write_text(CUSTOM_EXPERTS)
     return str(path)
-
-
-@contextmanager
-def swarm(dht_node: DHTNode, *peer_configs: dict):
-    """In-process peers announcing to `dht_node`; waits until every expert is listed."""
-    with ExitStack() as stack:
-        peers = []
-        for config in peer_configs:
-            config = {"hidden_dim": HIDDEN, "seed": 0, "initial_peers": dht_node.visible_maddrs(), **config}
-            peers.append(stack.enter_context(running_peer(announce=True, **config)))
-        wait_for_experts(dht_node, sum((p.uids for p in peers), []))
-        yield peers
-
-
-def wait_for_experts(node: DHTNode, uids: list[str], timeout: float = 20.0) -> None:
-    directory = ExpertDirectory(node, cache_ttl=0)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = directory.get(sorted(set(uids)), use_cache=False)
-        if all(found.get(uid) for uid in uids):
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"experts {uids} did not appear in the DHT")
 
 
 def make_moe(node: DHTNode, grid=(4,), k_best=2, **options) -> RemoteMixtureOfExperts:

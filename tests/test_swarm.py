@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # --- /proc helpers: the whole process tree, so that grandchildren (DHT daemons) are checked too ---
 
+
 def _stat(pid: int) -> tuple[str, int] | None:
     """(state, ppid) of a process, or None when it is gone."""
     try:
@@ -92,6 +93,7 @@ def kill_all(pids: set[int]) -> None:
 
 # --- assign_experts ---
 
+
 @pytest.mark.parametrize(
     "peers, per_peer, replicas", [(1, 1, 1), (4, 2, 1), (3, 2, 2), (3, 2, 3), (5, 3, 5), (6, 4, 3), (4, 3, 2)]
 )
@@ -106,15 +108,22 @@ def test_every_expert_has_its_replicas_on_different_peers(peers, per_peer, repli
 
 def test_assignment_is_round_robin_and_uses_the_prefix():
     assert assign_experts(3, 2, 2, "moe.layer") == [
-        ["moe.layer.0", "moe.layer.1"], ["moe.layer.0", "moe.layer.2"], ["moe.layer.1", "moe.layer.2"]
+        ["moe.layer.0", "moe.layer.1"],
+        ["moe.layer.0", "moe.layer.2"],
+        ["moe.layer.1", "moe.layer.2"],
     ]
     assert assign_experts(2, 2, 1, "ffn") == [["ffn.0", "ffn.2"], ["ffn.1", "ffn.3"]]
 
 
 @pytest.mark.parametrize(
     "peers, per_peer, replicas, message",
-    [(3, 1, 2, "divisible"), (2, 2, 3, "must not exceed peers"), (0, 2, 1, "peers must be at least 1"),
-     (2, 0, 1, "experts_per_peer"), (2, 2, 0, "replicas")],
+    [
+        (3, 1, 2, "divisible"),
+        (2, 2, 3, "must not exceed peers"),
+        (0, 2, 1, "peers must be at least 1"),
+        (2, 0, 1, "experts_per_peer"),
+        (2, 2, 0, "replicas"),
+    ],
 )
 def test_impossible_assignments_are_refused_clearly(peers, per_peer, replicas, message):
     with pytest.raises(ValueError, match=message):
@@ -122,6 +131,7 @@ def test_impossible_assignments_are_refused_clearly(peers, per_peer, replicas, m
 
 
 # --- a real swarm ---
+
 
 @pytest.fixture
 def swarm(tmp_path) -> Iterator[LocalSwarm]:
@@ -186,8 +196,14 @@ def test_a_swarm_serves_every_expert_twice_survives_a_restart_and_leaves_no_proc
 
 @pytest.mark.slow
 def test_a_peer_that_cannot_start_is_reported_with_its_output(tmp_path):
-    config = SwarmConfig(peers=1, experts_per_peer=1, hidden_dim=8, extra_peer_args=["--no-such-flag"],
-                         log_dir=str(tmp_path), startup_timeout=60)
+    config = SwarmConfig(
+        peers=1,
+        experts_per_peer=1,
+        hidden_dim=8,
+        extra_peer_args=["--no-such-flag"],
+        log_dir=str(tmp_path),
+        startup_timeout=60,
+    )
     swarm = LocalSwarm(config)
     try:
         with pytest.raises(RuntimeError, match="(?s)peer 0 exited.*--no-such-flag"):
@@ -198,6 +214,7 @@ def test_a_peer_that_cannot_start_is_reported_with_its_output(tmp_path):
 
 
 # --- the `dmoe swarm` command ---
+
 
 def _swarm_command() -> list[str]:
     from dmoe_cli import commands
@@ -210,8 +227,20 @@ def _swarm_command() -> list[str]:
 @contextmanager
 def swarm_command(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen, list[str], set[int]]]:
     """A `dmoe swarm` process, returned once it printed how to connect; it and all below it die at teardown."""
-    command = [*_swarm_command(), "--peers", "2", "--experts-per-peer", "1", "--hidden-dim", "8",
-               "--addr-file", str(tmp_path / "dht.txt"), "--log-dir", str(tmp_path / "logs"), *args]
+    command = [
+        *_swarm_command(),
+        "--peers",
+        "2",
+        "--experts-per-peer",
+        "1",
+        "--hidden-dim",
+        "8",
+        "--addr-file",
+        str(tmp_path / "dht.txt"),
+        "--log-dir",
+        str(tmp_path / "logs"),
+        *args,
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     output: list[str] = []
     ready = threading.Event()

@@ -32,8 +32,17 @@ def standin_ffn(layer_index: int) -> nn.Module:
 
 def small_config(tmp_path: Path, **overrides) -> TrainConfig:
     values = dict(
-        checkpoint=str(tmp_path / "client.pt"), max_corpus_bytes=1_000_000, steps=100, batch_size=16,
-        block_size=32, n_layer=2, n_head=4, n_embd=N_EMBD, eval_every=0, save_every=0, sample_chars=0,
+        checkpoint=str(tmp_path / "client.pt"),
+        max_corpus_bytes=1_000_000,
+        steps=100,
+        batch_size=16,
+        block_size=32,
+        n_layer=2,
+        n_head=4,
+        n_embd=N_EMBD,
+        eval_every=0,
+        save_every=0,
+        sample_chars=0,
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -70,6 +79,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 # ---- training ----------------------------------------------------------------------------------------------
+
 
 def test_loss_falls_over_100_steps_on_the_stdlib_corpus(trained):
     _, summary = trained
@@ -137,6 +147,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
 
 # ---- sampling ----------------------------------------------------------------------------------------------
 
+
 def test_sample_returns_text_of_the_requested_length(trained):
     config, _ = trained
     text = sample(config.checkpoint, "def ", 60, temperature=0.8, make_ffn=standin_ffn, top_k=5, seed=0)
@@ -176,6 +187,7 @@ def test_model_adds_the_ffn_layers_aux_loss_while_training():
 
 
 # ---- corpus ------------------------------------------------------------------------------------------------
+
 
 def test_the_stdlib_corpus_is_deterministic_and_capped():
     first = load_corpus(max_bytes=200_000)

@@ -1,0 +1,69 @@
+"""Train a tiny regression model whose middle layer is a RemoteMixtureOfExperts, over a running swarm.
+
+    dmoe swarm --peers 4 --experts-per-peer 2 --replicas 2 --hidden-dim 64 --addr-file dht.txt &
+    python examples/train_over_swarm.py --initial-peers $(head -1 dht.txt) --steps 50
+
+Prints one line per step with its loss and duration; kill a peer meanwhile and watch training go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch import nn
+
+from router_client import RemoteMixtureOfExperts
+
+
+def main() -> None:
+    """Train for --steps steps and print a JSON summary at the end."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--initial-peers", nargs="+", required=True)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--num-experts", type=int, default=4)
+    parser.add_argument("--hidden-dim", type=int, default=64)
+    parser.add_argument("--forward-timeout", type=float, default=3.0)
+    parser.add_argument("--backward-timeout", type=float, default=3.0)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    moe = RemoteMixtureOfExperts(
+        args.hidden_dim,
+        (args.num_experts,),
+        "ffn",
+        k_best=2,
+        initial_peers=args.initial_peers,
+        forward_timeout=args.forward_timeout,
+        backward_timeout=args.backward_timeout,
+        allow_zero_outputs=True,
+    )
+    model = nn.Sequential(nn.Linear(8, args.hidden_dim), moe, nn.Linear(args.hidden_dim, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    w_true = torch.randn(8, 1)
+    step_times, losses = [], []
+    for step in range(args.steps):
+        started = time.monotonic()
+        x = torch.randn(128, 8)
+        loss = nn.functional.mse_loss(model(x), torch.sin(x @ w_true)) + 0.01 * moe.aux_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step_times.append(time.monotonic() - started)
+        losses.append(loss.item())
+        print(f"step {step:3d} loss {loss.item():.4f} took {step_times[-1]:.3f} s", flush=True)
+    summary = {
+        "steps": args.steps,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "max_step_seconds": max(step_times),
+        "step_limit_seconds": args.forward_timeout + args.backward_timeout,
+        "stats": dict(moe.stats),
+    }
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
