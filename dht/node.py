@@ -294,6 +294,8 @@ class DHTNode:
                 "the DHT call timed out (the DHT process is healthy; peers may be slow or unreachable)"
             )
         if status == "dead":
+            if self._closed:
+                raise DHTUnavailableError("the DHT node has been shut down")
             reason = f"the DHT process died during a call (exit code {dht.exitcode})"
             with self._lock:
                 self._recover(dht, reason)
@@ -324,12 +326,14 @@ class DHTNode:
                 self._stop_process(dht, graceful=False)
             new_dht = self._start_process(check_identity=False)
             with self._lock:
-                if self._closed:
-                    self._stop_process(new_dht, graceful=True)
-                    return
-                self._dht, self._restart_failures = new_dht, 0
-                self.restarts += 1
-                self._healthy.set()
+                closed = self._closed
+                if not closed:
+                    self._dht, self._restart_failures = new_dht, 0
+                    self.restarts += 1
+                    self._healthy.set()
+            if closed:
+                self._stop_process(new_dht, graceful=True)
+                return
             logger.info("DHT process restarted (pid %s, restart #%d)", new_dht.pid, self.restarts)
         except Exception as exc:
             with self._lock:

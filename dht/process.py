@@ -115,16 +115,20 @@ class DHTProcess(hivemind.DHT):
                     del self._pending[call_id]
 
     def shutdown(self, graceful: bool = True, grace: float = 3.0) -> None:
-        """Stop the process within a bounded time: ask it to exit (if `graceful`), then SIGTERM, then SIGKILL."""
+        """Stop the process within a bounded time.
+
+        `graceful`: ask it to exit, wait up to `grace` s, then SIGTERM, then SIGKILL. Otherwise (a dead or hung
+        process being replaced) SIGKILL at once; its p2pd daemon exits by itself when its client is gone.
+        """
         try:
             if graceful and self.is_alive():
                 with self._send_lock:
                     if _writable(self._commands_w, 0.5):
                         self._commands_w.send(_SHUTDOWN)
                 self.join(grace)
-            if self.is_alive():
-                self.terminate()
-                self.join(1.0)
+                if self.is_alive():
+                    self.terminate()
+                    self.join(1.0)
             if self.is_alive():
                 self.kill()
                 self.join(2.0)

@@ -42,6 +42,10 @@ class ExpertCatalog:
         self._fetched_at = -float("inf")
         self._refresh: asyncio.Task | None = None
 
+    def is_fresh(self) -> bool:
+        """Whether the cached listing is filled and younger than the TTL (then no refresh is due)."""
+        return bool(self.uids) and time.monotonic() - self._fetched_at <= self.ttl
+
     async def snapshot(self, deadline: float) -> ExpertCatalog:
         """This catalog, refreshed first if it has never been filled (bounded by `deadline`)."""
         stale = time.monotonic() - self._fetched_at > self.ttl

@@ -44,7 +44,22 @@ def _opt(default, help: str, **extra):
 
 
 @dataclass
-class TrainConfig:
+class SwarmAccess:
+    """How a job reaches a private or partly untrusted swarm (see SECURITY.md); fields of `RouterConfig`."""
+
+    swarm_key: str | None = _opt(None, "shared secret of a private swarm (default: DMOE_SWARM_KEY)")
+    tls_ca: str | None = _opt(None, "PEM CA bundle the peers' certificates chain to: connect over TLS")
+    tls_cert: str | None = _opt(None, "PEM client certificate, for peers that require mutual TLS")
+    tls_key: str | None = _opt(None, "PEM private key of --tls-cert")
+    trusted_peers: str | None = _opt(None, "file of trusted peer ids, one per line: route only to those peers")
+    verify_fraction: float = _opt(0.0, "fraction of requests repeated on a second replica to catch lying peers")
+
+
+SWARM_ACCESS_FIELDS = ("swarm_key", "tls_ca", "tls_cert", "tls_key", "trusted_peers", "verify_fraction")
+
+
+@dataclass
+class TrainConfig(SwarmAccess):
     """Everything `dmoe train` needs: the swarm to join, the corpus, the model's shape, the loop's settings.
 
     Every field is also a `dmoe train` flag (`--batch-size` for `batch_size`) and an environment variable
@@ -93,7 +108,7 @@ class TrainConfig:
 
 
 @dataclass
-class InferConfig:
+class InferConfig(SwarmAccess):
     """Everything `dmoe infer` needs: a client checkpoint, the swarm to ask, a prompt and sampling settings."""
 
     checkpoint: str = _opt("runs/client.pt", "client checkpoint written by `dmoe train`")
@@ -136,6 +151,7 @@ def router_kwargs_from(config: TrainConfig | InferConfig) -> dict[str, Any]:
     )
     if isinstance(config, TrainConfig):
         kwargs["backward_timeout"] = config.backward_timeout
+    kwargs.update({name: getattr(config, name) for name in SWARM_ACCESS_FIELDS})
     return kwargs
 
 
@@ -294,7 +310,7 @@ def train(config: TrainConfig, *, make_ffn: FFNFactory | None = None, progress: 
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "batch_rng": batch_rng.get_state(),
-                "train_config": dataclasses.asdict(config),
+                "train_config": {**dataclasses.asdict(config), "swarm_key": None},  # never store the secret
             },
         )
         logger.debug("saved %s at step %d", checkpoint, step)

@@ -277,6 +277,14 @@ def test_declare_rejects_bad_arguments(swarm: Swarm):
     assert directory.declare([], "127.0.0.1:5000") == {}
 
 
+def test_large_declaration_goes_through_the_command_pipe(swarm: Swarm):
+    # ~300 signed records, a command far above the 16 KiB that broke hivemind's own pipe reader
+    uids = parse_expert_pattern("big.[0:16].[0:16]")
+    assert all(swarm.directories[0].declare(uids, "127.0.0.1:5002").values())
+    found = swarm.directories[1].get(uids, use_cache=False)
+    assert all(len(found[uid]) == 1 for uid in uids)
+
+
 def test_async_api(swarm: Swarm):
     async def scenario():
         stored = await swarm.directories[0].adeclare(["aio.0.1", "aio.1.0"], "127.0.0.1:8000")

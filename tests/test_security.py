@@ -13,6 +13,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dht import DHTNode, ExpertDirectory
 from proto import deserialize_tensor, expert_pb2, expert_pb2_grpc, serialize_tensor
 from router_client import RemoteExpert, RemoteExpertError, RemoteMixtureOfExperts
 from tests.certs import CertificateAuthority
@@ -170,3 +171,20 @@ def test_hostile_client_script_against_a_running_peer(peer_processes):
     assert result.returncode == 0, result.stdout + result.stderr
     for expected in ("RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "weights unchanged: True"):
         assert expected in result.stdout
+
+
+def test_a_rogue_node_flooding_the_prefix_cannot_hide_or_replace_real_experts(dht_node):
+    with swarm(dht_node, {"experts": "ffn.[0:4]", "optimizer": "none"}) as (peer,):
+        with DHTNode(initial_peers=dht_node.visible_maddrs()) as rogue_node:
+            rogue = ExpertDirectory(rogue_node)
+            junk = [f"ffn.{i}" for i in range(4, 200)]
+            rogue.declare(junk, "127.0.0.1:9", expiration=60)  # experts that do not exist anywhere
+            rogue.declare([f"ffn.{i}" for i in range(4)], "127.0.0.1:9", expiration=600)  # fake replicas
+            listing = ExpertDirectory(dht_node, cache_ttl=0).list_experts("ffn", use_cache=False)
+            for uid in (f"ffn.{i}" for i in range(4)):
+                assert peer.endpoint in [r.endpoint for r in listing[uid]], f"{uid} lost its real replica"
+
+            moe = RemoteMixtureOfExperts(16, (4,), "ffn", 2, dht=dht_node, cache_ttl=1.0, forward_timeout=3)
+            for _ in range(5):
+                y = moe(torch.randn(8, 16))
+            assert torch.isfinite(y).all() and moe.stats["zero_tokens"] == 0

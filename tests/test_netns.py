@@ -1,0 +1,289 @@
+"""A swarm spread over machines, simulated with network namespaces: each process has its own address.
+
+The DHT bootstrap node, three peers and the training client each live in a network namespace of their own,
+joined by veth pairs to a bridge that lives in one more namespace (10.77.0.0/24; nothing touches the host's
+interfaces or routes). The peers listen on 0.0.0.0 and announce their namespace's address (--announce-host).
+Then: one peer's link is cut mid-training (the client keeps training on the others) and restored (the peer is
+used again); 50 ms of latency is added to another (the router prefers the fast replicas). Needs root (CI has
+it); skipped, saying why, only where `ip netns` is not permitted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+SUBNET = "10.77.0"
+DHT_PORT, PEER_PORT, PEER_DHT_PORT = 31337, 31330, 31331
+IDENTITY = REPO / "deploy" / "dht-identity.key"  # fixed peer id: the bootstrap multiaddr is known in advance
+DRIVER = REPO / "tests" / "swarm_driver.py"
+NUM_EXPERTS, HIDDEN = 4, 32
+
+
+def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(args), capture_output=True, text=True, timeout=30)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+def netns_unavailable() -> str | None:
+    """Why network namespaces cannot be used here, or None when they can."""
+    if sys.platform != "linux":
+        return "network namespaces are Linux-only"
+    if shutil.which("ip") is None:
+        return "iproute2's `ip` is not installed"
+    probe = f"dmoe-probe-{os.getpid()}"
+    result = _run("ip", "netns", "add", probe, check=False)
+    if result.returncode != 0:
+        return f"`ip netns add` is not permitted here (needs root/CAP_SYS_ADMIN): {result.stderr.strip()}"
+    _run("ip", "netns", "del", probe, check=False)
+    return None
+
+
+@dataclass
+class Topology:
+    """Namespaces on one bridge: `add(name, ip)` creates a namespace whose eth0 has `ip`; `cleanup()` removes all.
+
+    The bridge and the host-side end of every veth pair live in the namespace `<tag>-br`, so the host's own
+    network is never touched. `cut(name)`/`restore(name)` unplug and replug a namespace's cable (its veth end on
+    the bridge); `delay(name, ms)` adds netem latency to everything the namespace sends.
+    """
+
+    tag: str
+    nodes: dict[str, str] = field(default_factory=dict)  # name -> namespace
+
+    @property
+    def bridge(self) -> str:
+        return f"{self.tag}-br"
+
+    def create(self) -> None:
+        _run("ip", "netns", "add", self.bridge)
+        _run("ip", "-n", self.bridge, "link", "set", "lo", "up")
+        _run("ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", self.bridge, "link", "set", "br0", "up")
+
+    def add(self, name: str, address: str) -> None:
+        namespace = f"{self.tag}-{name}"
+        _run("ip", "netns", "add", namespace)
+        self.nodes[name] = namespace
+        _run("ip", "-n", namespace, "link", "set", "lo", "up")
+        _run("ip", "-n", self.bridge, "link", "add", f"v-{name}", "type", "veth", "peer", "name", "eth0",
+             "netns", namespace)
+        _run("ip", "-n", self.bridge, "link", "set", f"v-{name}", "master", "br0", "up")
+        _run("ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", "eth0")
+        _run("ip", "-n", namespace, "link", "set", "eth0", "up")
+
+    def exec_prefix(self, name: str) -> list[str]:
+        return ["ip", "netns", "exec", self.nodes[name]]
+
+    def cut(self, name: str) -> None:
+        _run("ip", "-n", self.bridge, "link", "set", f"v-{name}", "down")
+
+    def restore(self, name: str) -> None:
+        _run("ip", "-n", self.bridge, "link", "set", f"v-{name}", "up")
+
+    def delay(self, name: str, ms: int) -> None:
+        _run("ip", "netns", "exec", self.nodes[name], "tc", "qdisc", "add", "dev", "eth0", "root", "netem",
+             "delay", f"{ms}ms")
+
+    def cleanup(self) -> None:
+        """Kill every process left in the namespaces (all started by this test), then delete them."""
+        for namespace in [*self.nodes.values(), self.bridge]:
+            pids = _run("ip", "netns", "pids", namespace, check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+        for namespace in [*self.nodes.values(), self.bridge]:
+            _run("ip", "netns", "del", namespace, check=False)
+
+
+class Process:
+    """A process in a namespace; its output lines are collected by a thread."""
+
+    def __init__(self, argv: list[str], log: Path):
+        self.log_path = log
+        self.proc = subprocess.Popen(
+            argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        with open(self.log_path, "w") as log:
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                log.write(line)
+                log.flush()
+
+    def wait_for(self, needle: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(needle in line for line in list(self.lines)):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {needle!r} from {self.proc.args}:\n{''.join(self.lines)[-4000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+
+@dataclass
+class Swarm:
+    topology: Topology
+    initial_peer: str
+    peers: dict[str, str]  # name -> endpoint announced
+    processes: list[Process]
+    workdir: Path
+
+    def start_driver(self, name: str) -> tuple[Process, Path]:
+        stop_file = self.workdir / f"{name}.stop"
+        argv = [*self.topology.exec_prefix("client"), sys.executable, str(DRIVER), "--initial-peers",
+                self.initial_peer, "--num-experts", str(NUM_EXPERTS), "--hidden-dim", str(HIDDEN),
+                "--stop-file", str(stop_file)]
+        driver = Process(argv, self.workdir / f"{name}.log")
+        self.processes.append(driver)
+        return driver, stop_file
+
+
+def steps(driver: Process) -> list[dict]:
+    return [json.loads(line) for line in list(driver.lines) if line.startswith('{"step"')]
+
+
+def wait_steps(driver: Process, count: int, timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while len(steps(driver)) < count:
+        assert driver.proc.poll() is None and time.monotonic() < deadline, "".join(driver.lines)[-4000:]
+        time.sleep(0.2)
+    return steps(driver)
+
+
+def served(records: list[dict], endpoint: str) -> int:
+    return sum(record["served"].get(endpoint, 0) for record in records)
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory) -> Iterator[Swarm]:
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    from hivemind.p2p import PeerID
+
+    workdir = tmp_path_factory.mktemp("netns")
+    topology = Topology(f"dmoe{os.getpid()}")
+    processes: list[Process] = []
+    try:
+        try:
+            topology.create()
+            topology.add("dht", f"{SUBNET}.1")
+        except RuntimeError as error:
+            pytest.skip(f"cannot build a bridge with veth pairs in a namespace here: {error}")
+        addresses = {f"peer{i}": f"{SUBNET}.{10 + i}" for i in (1, 2, 3)}
+        for name, address in addresses.items():
+            topology.add(name, address)
+        topology.add("client", f"{SUBNET}.20")
+
+        peer_id = PeerID.from_identity(IDENTITY.read_bytes()).to_base58()
+        initial_peer = f"/ip4/{SUBNET}.1/tcp/{DHT_PORT}/p2p/{peer_id}"
+        dht = Process(
+            [*topology.exec_prefix("dht"), sys.executable, "-m", "dmoe_cli", "dht", "--host", f"{SUBNET}.1",
+             "--port", str(DHT_PORT), "--identity", str(IDENTITY)],
+            workdir / "dht.log",
+        )
+        processes.append(dht)
+        dht.wait_for("DHT node running", 60)
+        peers = {}
+        for name, address in addresses.items():
+            peers[name] = f"{address}:{PEER_PORT}"
+            processes.append(Process(
+                [*topology.exec_prefix(name), sys.executable, "-m", "dmoe_cli", "peer",
+                 "--initial-peers", initial_peer, "--host", "0.0.0.0", "--announce-host", address,
+                 "--port", str(PEER_PORT), "--dht-port", str(PEER_DHT_PORT),
+                 "--experts", f"ffn.[0:{NUM_EXPERTS}]", "--hidden-dim", str(HIDDEN), "--seed", "0",
+                 "--compute-threads", "1", "--update-period", "5", "--expiration", "30"],
+                workdir / f"{name}.log",
+            ))
+        for process, endpoint in zip(processes[1:], peers.values(), strict=True):
+            process.wait_for(f"at {endpoint}", 90)  # ready, and announcing its namespace's address
+        yield Swarm(topology, initial_peer, peers, processes, workdir)
+    finally:
+        for process in reversed(processes):
+            process.stop()
+        topology.cleanup()
+
+
+@pytest.mark.slow
+def test_a_peer_cut_off_mid_training_is_trained_around_and_used_again_once_back(swarm):
+    driver, stop_file = swarm.start_driver("cut")
+    cut_peer = swarm.peers["peer1"]
+    others = [swarm.peers["peer2"], swarm.peers["peer3"]]
+    try:
+        before = wait_steps(driver, 15, 120)
+        assert served(before, cut_peer) + sum(served(before, e) for e in others) > 0, before[-1]
+
+        swarm.topology.cut("peer1")
+        cut_at = time.time()
+        time.sleep(8)
+        during = [r for r in wait_steps(driver, len(before) + 10, 60) if r["time"] > cut_at]
+        swarm.topology.restore("peer1")
+        restored_at = time.time()
+
+        assert len(during) >= 5, "training went on while a peer was unreachable"
+        assert sum(served(during, e) for e in others) > 0, "the other peers did the work"
+        assert served([r for r in during if r["time"] > cut_at + 1.0], cut_peer) == 0, "no answer through a cut"
+
+        deadline = time.monotonic() + 90
+        while served([r for r in steps(driver) if r["time"] > restored_at], cut_peer) == 0:
+            assert time.monotonic() < deadline, "the peer was not used again after its link came back"
+            time.sleep(0.5)
+    finally:
+        stop_file.touch()
+        driver.proc.wait(30)
+    records = steps(driver)
+    failed = [r for r in records if not r["ok"]]
+    assert not failed, f"every step succeeds: {failed[:3]}"
+
+
+@pytest.mark.slow
+def test_the_router_prefers_fast_replicas_over_one_50ms_away(swarm):
+    slow_peer = swarm.peers["peer3"]
+    fast = [swarm.peers["peer1"], swarm.peers["peer2"]]
+    swarm.topology.delay("peer3", 50)
+    driver, stop_file = swarm.start_driver("latency")
+    try:
+        records = wait_steps(driver, 60, 120)
+    finally:
+        stop_file.touch()
+        driver.proc.wait(30)
+    assert all(r["ok"] for r in records)
+    settled = records[10:]  # the router first learns every replica's latency
+    slow, quick = served(settled, slow_peer), sum(served(settled, e) for e in fast)
+    assert quick > 0 and slow <= 0.1 * (slow + quick), f"{slow} calls went to the slow replica, {quick} to fast ones"
+    slow_latency = [r["seconds"] for r in records if r["served"].get(slow_peer)]
+    assert not slow_latency or max(slow_latency) >= 0.05, "the delay is real: calls to it take 50 ms or more"
