@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,15 @@ import numpy as np
 from dht import ExpertDirectory, ExpertReplica, split_uid
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CatalogView:
+    """One consistent listing: live uids, their grid coordinates (rows match uids) and their replicas."""
+
+    uids: list[str]
+    coords: np.ndarray
+    replicas: dict[str, list[ExpertReplica]]
 
 
 class ExpertCatalog:
@@ -36,26 +46,24 @@ class ExpertCatalog:
     ):
         self.directory, self.prefix, self.grid_size, self.ttl = directory, prefix.rstrip("."), tuple(grid_size), ttl
         self.trusted_peers = trusted_peers
-        self.uids: list[str] = []
-        self.coords = np.zeros((0, len(self.grid_size)), dtype=np.int64)
-        self.replicas: dict[str, list[ExpertReplica]] = {}
+        self.view = CatalogView([], np.zeros((0, len(self.grid_size)), dtype=np.int64), {})
         self._fetched_at = -float("inf")
         self._refresh: asyncio.Task | None = None
 
     def is_fresh(self) -> bool:
         """Whether the cached listing is filled and younger than the TTL (then no refresh is due)."""
-        return bool(self.uids) and time.monotonic() - self._fetched_at <= self.ttl
+        return bool(self.view.uids) and time.monotonic() - self._fetched_at <= self.ttl
 
-    async def snapshot(self, deadline: float) -> ExpertCatalog:
-        """This catalog, refreshed first if it has never been filled (bounded by `deadline`)."""
+    async def snapshot(self, deadline: float) -> CatalogView:
+        """The current listing, fetched first if there is none yet (bounded by `deadline`)."""
         stale = time.monotonic() - self._fetched_at > self.ttl
         if stale and (self._refresh is None or self._refresh.done()):
             self._refresh = asyncio.ensure_future(self._fetch(timeout=max(self.ttl, 10.0)))
-        if not self.uids and self._refresh is not None and not self._refresh.done():
+        if not self.view.uids and self._refresh is not None and not self._refresh.done():
             remaining = deadline - time.monotonic()
             if remaining > 0:
                 await asyncio.wait([self._refresh], timeout=remaining)
-        return self
+        return self.view
 
     async def _fetch(self, timeout: float) -> None:
         try:
@@ -73,9 +81,8 @@ class ExpertCatalog:
                 if listing[uid]:
                     uids.append(uid)
                     coords.append(grid)
-        self.uids = uids
-        self.coords = np.array(coords, dtype=np.int64).reshape(len(uids), len(self.grid_size))
-        self.replicas = {uid: listing[uid] for uid in uids}
+        coords_array = np.array(coords, dtype=np.int64).reshape(len(uids), len(self.grid_size))
+        self.view = CatalogView(uids, coords_array, {uid: listing[uid] for uid in uids})  # one atomic swap
         self._fetched_at = time.monotonic() - (self.ttl * 0.8 if not uids else 0.0)  # empty: look again soon
         logger.debug("catalog %s: %d live experts", self.prefix, len(uids))
 

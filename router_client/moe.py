@@ -103,9 +103,10 @@ class RemoteMixtureOfExperts(nn.Module):
         config = self.config
         flat = x.reshape(-1, self.in_features)
         deadline = time.monotonic() + config.forward_timeout
-        catalog = self.catalog
-        if not catalog.is_fresh():  # a hop to the router's loop only when a refresh is due
-            catalog = background.run(catalog.snapshot(deadline), timeout=config.forward_timeout + 1)
+        if self.catalog.is_fresh():
+            catalog = self.catalog.view
+        else:  # a hop to the router's loop only when a refresh is due
+            catalog = background.run(self.catalog.snapshot(deadline), timeout=config.forward_timeout + 1)
         self.stats["calls"] += 1
         if not catalog.uids:
             if config.allow_zero_outputs:
@@ -119,7 +120,7 @@ class RemoteMixtureOfExperts(nn.Module):
         k = min(self.k_best, len(catalog.uids))
         top_scores, top_index = scores.topk(k, dim=-1)
         jobs = _make_jobs(top_index, catalog.uids)
-        outputs, answered = _RemoteMoECall.apply(flat, self, jobs, dict(catalog.replicas), deadline, k)
+        outputs, answered = _RemoteMoECall.apply(flat, self, jobs, catalog.replicas, deadline, k)
 
         num_answered = answered.sum(dim=1)
         required = min(self.config.k_min, k)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import textwrap
 import time
@@ -230,3 +231,46 @@ def test_swiglu_and_bfloat16_inputs_are_refused_cleanly():
             assert out.shape == (3, 16)
             code, details = status_of(lambda: forward(stub, "sw.0", torch.randn(3, 16).bfloat16()))
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "dtype" in details
+
+
+def test_graceful_stop_finishes_in_flight_work_and_refuses_new_work(tmp_path):
+    module = tmp_path / "slow.py"
+    module.write_text(
+        textwrap.dedent("""
+        import time
+        import torch
+        from peer import register_expert_class
+
+        @register_expert_class("half_second")
+        class HalfSecond(torch.nn.Module):
+            def __init__(self, hidden_dim):
+                super().__init__()
+                self.scale = torch.nn.Parameter(torch.ones(hidden_dim))
+
+            def forward(self, x):
+                time.sleep(0.5)
+                return x * self.scale
+    """)
+    )
+    from peer import Peer, PeerConfig
+    from tests.conftest import LoopThread
+
+    loop = LoopThread()
+    peer = Peer(
+        PeerConfig(experts="h.0", expert_cls="half_second", custom_module=str(module), hidden_dim=16), announce=False
+    )
+    try:
+        loop.run(peer.start())
+        with grpc.insecure_channel(peer.endpoint) as channel:
+            stub = expert_pb2_grpc.ExpertServiceStub(channel)
+            request = expert_pb2.ExpertRequest(uid="h.0", tensors=[serialize_tensor(torch.ones(2, 16))])
+            in_flight = stub.Forward.future(request, timeout=10)
+            time.sleep(0.2)
+            stopping = asyncio.run_coroutine_threadsafe(peer.stop(), loop.loop)
+            time.sleep(0.05)
+            code, _ = status_of(lambda: stub.Forward(request, timeout=5))
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert deserialize_tensor(in_flight.result().tensors[0]).shape == (2, 16)
+            stopping.result(15)
+    finally:
+        loop.close()

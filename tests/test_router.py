@@ -219,3 +219,43 @@ def test_killing_a_peer_mid_training_does_not_raise_and_the_loss_falls(dht_node,
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.7 * first, f"loss went from {first:.3f} to {last:.3f}"
     assert moe.stats["failed_requests"] >= 1, "the killed peer should have been noticed"
+
+
+def test_hedging_sends_a_second_copy_when_the_first_replica_is_slow(dht_node, custom_module):
+    from router_client import background
+    from router_client.dispatch import Dispatcher, ExpertJob
+    from router_client.replicas import PeerScores
+    from router_client.transport import ExpertTransport
+
+    with swarm(
+        dht_node,
+        {"experts": "ffn.0", "expert_cls": "sleepy", "custom_module": custom_module},
+        {"experts": "ffn.0"},
+    ) as (slow, fast):
+        replicas = ExpertDirectory(dht_node, cache_ttl=0).get(["ffn.0"], use_cache=False)
+        scores = PeerScores()
+        for _ in range(10):  # the slow replica usually answers in 10 ms: hedge once it takes longer
+            scores.record_success(slow.endpoint, 0.01)
+        x = torch.randn(4, HIDDEN)
+        job = ExpertJob("ffn.0", torch.arange(4), torch.zeros(4, dtype=torch.int64))
+
+        async def dispatch(hedge: bool):
+            dispatcher = Dispatcher(ExpertTransport(), scores, hedge=hedge)
+            return await dispatcher.run(
+                [job],
+                lambda _: [x],
+                replicas,
+                backward=False,
+                deadline=time.monotonic() + 2.5,
+                required=torch.ones(4, dtype=torch.int64),
+                grace=0.0,
+                expected_shapes=lambda _: [(4, HIDDEN)],
+                preferred={"ffn.0": slow.endpoint},
+            )
+
+        started = time.monotonic()
+        (result,) = background.run(dispatch(hedge=True), timeout=5)
+        assert result.ok and result.replica.endpoint == fast.endpoint
+        assert time.monotonic() - started < 1.0, "the hedged copy should answer long before the slow one"
+        (unhedged,) = background.run(dispatch(hedge=False), timeout=5)
+        assert not unhedged.ok, "without hedging the slow replica holds the call until the deadline"

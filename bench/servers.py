@@ -1,0 +1,222 @@
+"""Servers for the benchmarks, each a real process: dmoe peers (with their DHT) and a hivemind MoE server.
+
+Every side hosts the *same* experts: `peer.experts.FeedForwardExpert` modules seeded per uid exactly as a dmoe
+peer seeds them (`expert_seed`), with Adam (lr 1e-3) and gradient clipping at norm 1.0, so the in-process
+limit, the dmoe peers and the hivemind server start from identical weights and do identical work per step.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.common import REPO, child_env
+
+PEER_READY = re.compile(r"^peer serving .* at (\S+)\s*$", re.MULTILINE)
+PEER_DHT = re.compile(r"^peer DHT node: (\S+)\s*$", re.MULTILINE)
+HIVEMIND_READY = re.compile(r"^hivemind server ready: (.+)$", re.MULTILINE)
+SEED = 0
+
+
+def expert_seed(uid: str, seed: int = SEED) -> int:
+    """The torch seed a dmoe peer started with `--seed SEED` uses for expert `uid` (see `peer.Peer`)."""
+    return zlib.crc32(f"{seed}/{uid}".encode())
+
+
+class ServerProcess:
+    """A child process whose output goes to a log file; `wait_for(pattern)` reads its ready line."""
+
+    def __init__(self, name: str, args: Sequence[str], *, threads: int | None, log_dir: Path):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.popen = subprocess.Popen(
+            list(args), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
+            env=child_env(threads), start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_for(self, pattern: re.Pattern, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = pattern.search(self.output())
+            if match:
+                return match
+            if self.popen.poll() is not None:
+                break
+            time.sleep(0.1)
+        tail = "\n".join(self.output().splitlines()[-30:])
+        raise RuntimeError(f"{self.name} did not become ready (exit code {self.popen.poll()}); its log:\n{tail}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL of the whole process group (its DHT daemons included)."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+
+class DmoeGroup:
+    """`len(assignments)` dmoe peer processes in one DHT (the first peer's own node), peer i hosting
+    `assignments[i]` (a pattern or comma list), each with `compute_threads` torch threads.
+
+    Peers run `python -m dmoe_cli peer --seed 0 --optimizer adam --lr 1e-3 --clip-grad-norm 1.0` plus `extra_args`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        assignments: Sequence[str],
+        *,
+        hidden_dim: int,
+        compute_threads: int,
+        device: str = "cpu",
+        extra_args: Sequence[str] = (),
+        log_dir: Path | None = None,
+    ):
+        self.name, self.assignments, self.hidden_dim = name, list(assignments), hidden_dim
+        self.compute_threads, self.device, self.extra_args = compute_threads, device, list(extra_args)
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix=f"dmoe-bench-{name}-"))
+        self.peers: list[ServerProcess] = []
+        self.endpoints: list[str] = []
+        self.initial_peers: list[str] = []
+
+    def _args(self, index: int) -> list[str]:
+        args = [
+            sys.executable, "-m", "dmoe_cli", "peer", "--experts", self.assignments[index],
+            "--hidden-dim", str(self.hidden_dim), "--compute-threads", str(self.compute_threads),
+            "--device", self.device, "--seed", str(SEED), "--optimizer", "adam", "--lr", "1e-3",
+            "--clip-grad-norm", "1.0", "--host", "127.0.0.1", "--port", "0", *self.extra_args,
+        ]
+        if self.initial_peers:
+            args += ["--initial-peers", *self.initial_peers]
+        return args
+
+    def start(self, timeout: float = 120.0) -> DmoeGroup:
+        first = ServerProcess(f"{self.name}-peer-0", self._args(0), threads=self.compute_threads, log_dir=self.log_dir)
+        self.peers.append(first)
+        self.endpoints.append(first.wait_for(PEER_READY, timeout).group(1))
+        self.initial_peers = [first.wait_for(PEER_DHT, 10).group(1)]
+        rest = [
+            ServerProcess(f"{self.name}-peer-{i}", self._args(i), threads=self.compute_threads, log_dir=self.log_dir)
+            for i in range(1, len(self.assignments))
+        ]
+        self.peers += rest
+        self.endpoints += [peer.wait_for(PEER_READY, timeout).group(1) for peer in rest]
+        return self
+
+    @property
+    def pids(self) -> list[int]:
+        return [peer.pid for peer in self.peers]
+
+    def stop(self) -> None:
+        threads = [threading.Thread(target=peer.stop) for peer in self.peers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+
+class HivemindServer:
+    """A hivemind MoE server process (`python -m bench.hivemind_server`) hosting `groups` of experts.
+
+    `groups` maps a uid prefix (``"ffn"``) to (number of experts, hidden dim); experts are dmoe's
+    `FeedForwardExpert`, seeded as a dmoe peer would seed them. `initial_peers` are its DHT's multiaddrs.
+    """
+
+    def __init__(
+        self,
+        groups: dict[str, tuple[int, int]],
+        *,
+        threads: int,
+        device: str = "cpu",
+        handlers: int = 8,
+        log_dir: Path | None = None,
+    ):
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="dmoe-bench-hivemind-"))
+        spec = ",".join(f"{prefix}:{count}:{hidden}" for prefix, (count, hidden) in groups.items())
+        args = [
+            sys.executable, "-m", "bench.hivemind_server", "--experts", spec, "--threads", str(threads),
+            "--device", device, "--handlers", str(handlers),
+        ]
+        self.process = ServerProcess("hivemind-server", args, threads=threads, log_dir=self.log_dir)
+        self.initial_peers: list[str] = []
+
+    def start(self, timeout: float = 180.0) -> HivemindServer:
+        self.initial_peers = self.process.wait_for(HIVEMIND_READY, timeout).group(1).split()
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def start_all(*servers) -> list:
+    """Start servers concurrently (their `start()` waits for readiness); stops all of them if one fails."""
+    errors: list[BaseException] = []
+
+    def start(server) -> None:
+        try:
+            server.start()
+        except BaseException as exc:  # reported below, after every thread has finished
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(server,)) for server in servers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        stop_all(*servers)
+        raise errors[0]
+    return list(servers)
+
+
+def stop_all(*servers) -> None:
+    """Stop servers concurrently, never raising."""
+    def stop(server) -> None:
+        try:
+            server.stop()
+        except Exception:
+            pass
+
+    threads = [threading.Thread(target=stop, args=(server,)) for server in servers if server is not None]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
