@@ -40,11 +40,18 @@ def dmoe_layer(initial_peers, hidden_dim: int, prefix: str, num_experts: int, k:
     while True:
         with torch.no_grad():
             layer(torch.zeros(1, hidden_dim))
-        if len(layer.catalog.uids) == num_experts:
+        live = len(_live_uids(layer))
+        if live == num_experts:
             return layer
         if time.monotonic() > deadline:
-            raise RuntimeError(f"dmoe router sees {len(layer.catalog.uids)} of {num_experts} experts")
+            raise RuntimeError(f"dmoe router sees {live} of {num_experts} experts")
         time.sleep(1.0)
+
+
+def _live_uids(layer) -> list[str]:
+    """The uids the router's catalog lists (its cached view of the DHT)."""
+    catalog = layer.catalog
+    return list(getattr(getattr(catalog, "view", catalog), "uids", []))
 
 
 class HivemindClient:

@@ -10,11 +10,17 @@
 * `parse_expert_pattern`, `is_valid_uid`, `split_uid`, `UID_DELIMITER`: expert uids like ``ffn.3.17``.
 """
 
-from dht.directory import DirectoryStats, ExpertDirectory, ExpertReplica
-from dht.identity import load_or_create_rsa_key
-from dht.node import DHTNode, DHTUnavailableError
-from dht.uids import UID_DELIMITER, is_valid_uid, parse_expert_pattern, split_uid
-from dht.validation import ExpertRecordValidator, make_record_validators
+import os
+
+# hivemind switches torch to the file_system sharing strategy, which starts a torch_shm_manager daemon per
+# process that outlives it; dmoe shares no tensors between processes, so keep torch's default.
+os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
+
+from dht.directory import DirectoryStats, ExpertDirectory, ExpertReplica  # noqa: E402
+from dht.identity import load_or_create_rsa_key  # noqa: E402
+from dht.node import DHTNode, DHTUnavailableError  # noqa: E402
+from dht.uids import UID_DELIMITER, is_valid_uid, parse_expert_pattern, split_uid  # noqa: E402
+from dht.validation import ExpertRecordValidator, make_record_validators  # noqa: E402
 
 __all__ = [
     "UID_DELIMITER",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import gc
 import itertools
 import logging
 import multiprocessing as mp
@@ -181,6 +182,10 @@ class DHTProcess(hivemind.DHT):
 
     def run(self) -> None:
         """Serve the DHT until told to stop or orphaned; this is the body of the child process."""
+        # Objects inherited from the parent (gRPC channels, torch state, ...) must never be finalised here:
+        # their threads did not survive the fork, and collecting them segfaulted the child (seen in CI).
+        gc.freeze()
+        faulthandler.enable()
         self._commands_w.close()
         self._results_r.close()
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints every thread's stack

@@ -4,8 +4,9 @@ The DHT bootstrap node, three peers and the training client each live in a netwo
 joined by veth pairs to a bridge that lives in one more namespace (10.77.0.0/24; nothing touches the host's
 interfaces or routes). The peers listen on 0.0.0.0 and announce their namespace's address (--announce-host).
 Then: one peer's link is cut mid-training (the client keeps training on the others) and restored (the peer is
-used again); 50 ms of latency is added to another (the router prefers the fast replicas). Needs root (CI has
-it); skipped, saying why, only where `ip netns` is not permitted.
+used again); another one's link is made slow, with 50 ms of `tc netem` delay (or, on kernels built without
+netem, a 1 Mbit/s tbf link), and the router prefers the fast replicas. Needs root (CI has it); skipped, saying
+why, only where `ip netns` is not permitted.
 """
 
 from __future__ import annotations
@@ -96,9 +97,23 @@ class Topology:
     def restore(self, name: str) -> None:
         _run("ip", "-n", self.bridge, "link", "set", f"v-{name}", "up")
 
-    def delay(self, name: str, ms: int) -> None:
-        _run("ip", "netns", "exec", self.nodes[name], "tc", "qdisc", "add", "dev", "eth0", "root", "netem",
-             "delay", f"{ms}ms")
+    def slow_down(self, name: str, ms: int) -> str:
+        """Make the namespace's link slow: `ms` of netem delay on what it sends, or a 1 Mbit/s link without netem.
+
+        Some kernels are built without netem (CONFIG_NET_SCH_NETEM unset, as on this project's CI machines);
+        there a token bucket (tbf, always built) at 1 Mbit/s on both ends of the cable delays each request
+        and answer of these tests (8 to 16 KiB) by 65 ms or more instead. Returns what was done.
+        """
+        netem = ["qdisc", "add", "dev", "eth0", "root", "netem", "delay", f"{ms}ms"]
+        result = _run("ip", "netns", "exec", self.nodes[name], "tc", *netem, check=False)
+        if result.returncode == 0:
+            return f"netem: {ms} ms more round-trip time"
+        if "unknown" not in result.stderr:
+            raise RuntimeError(f"tc netem failed: {result.stderr.strip()}")
+        tbf = ["root", "tbf", "rate", "1mbit", "burst", "1600", "latency", "2s"]
+        _run("ip", "netns", "exec", self.nodes[name], "tc", "qdisc", "add", "dev", "eth0", *tbf)
+        _run("ip", "netns", "exec", self.bridge, "tc", "qdisc", "add", "dev", f"v-{name}", *tbf)
+        return "no netem in this kernel: a 1 Mbit/s link (tbf) both ways"
 
     def cleanup(self) -> None:
         """Kill every process left in the namespaces (all started by this test), then delete them."""
@@ -184,6 +199,11 @@ def wait_steps(driver: Process, count: int, timeout: float) -> list[dict]:
     return steps(driver)
 
 
+def started_after(records: list[dict], moment: float) -> list[dict]:
+    """The steps that began after `moment` (a wall-clock time)."""
+    return [record for record in records if record["time"] - record["seconds"] > moment]
+
+
 def served(records: list[dict], endpoint: str) -> int:
     return sum(record["served"].get(endpoint, 0) for record in records)
 
@@ -238,52 +258,61 @@ def swarm(tmp_path_factory) -> Iterator[Swarm]:
         topology.cleanup()
 
 
+def busiest(swarm: Swarm, records: list[dict]) -> str:
+    """The peer (by name) that served the most calls in `records`: the one the router relies on."""
+    return max(swarm.peers, key=lambda name: served(records, swarm.peers[name]))
+
+
 @pytest.mark.slow
 def test_a_peer_cut_off_mid_training_is_trained_around_and_used_again_once_back(swarm):
     driver, stop_file = swarm.start_driver("cut")
-    cut_peer = swarm.peers["peer1"]
-    others = [swarm.peers["peer2"], swarm.peers["peer3"]]
     try:
-        before = wait_steps(driver, 15, 120)
-        assert served(before, cut_peer) + sum(served(before, e) for e in others) > 0, before[-1]
+        before = wait_steps(driver, 20, 120)
+        name = busiest(swarm, before[-10:])  # cut the peer the router relies on
+        cut_peer = swarm.peers[name]
+        others = [endpoint for other, endpoint in swarm.peers.items() if other != name]
 
-        swarm.topology.cut("peer1")
+        swarm.topology.cut(name)
         cut_at = time.time()
         time.sleep(8)
-        during = [r for r in wait_steps(driver, len(before) + 10, 60) if r["time"] > cut_at]
-        swarm.topology.restore("peer1")
+        during = started_after(wait_steps(driver, len(before) + 5, 60), cut_at)
+        swarm.topology.restore(name)
         restored_at = time.time()
 
         assert len(during) >= 5, "training went on while a peer was unreachable"
-        assert sum(served(during, e) for e in others) > 0, "the other peers did the work"
-        assert served([r for r in during if r["time"] > cut_at + 1.0], cut_peer) == 0, "no answer through a cut"
+        assert served(during, cut_peer) == 0, "no answer through a cut"
+        assert sum(served(during, e) for e in others) > 0, f"the other peers did the work while {name} was cut off"
 
         deadline = time.monotonic() + 90
-        while served([r for r in steps(driver) if r["time"] > restored_at], cut_peer) == 0:
-            assert time.monotonic() < deadline, "the peer was not used again after its link came back"
+        while served(started_after(steps(driver), restored_at), cut_peer) == 0:
+            assert time.monotonic() < deadline, f"{name} was not used again after its link came back"
             time.sleep(0.5)
     finally:
         stop_file.touch()
         driver.proc.wait(30)
-    records = steps(driver)
-    failed = [r for r in records if not r["ok"]]
+    failed = [r for r in steps(driver) if not r["ok"]]
     assert not failed, f"every step succeeds: {failed[:3]}"
 
 
 @pytest.mark.slow
-def test_the_router_prefers_fast_replicas_over_one_50ms_away(swarm):
-    slow_peer = swarm.peers["peer3"]
-    fast = [swarm.peers["peer1"], swarm.peers["peer2"]]
-    swarm.topology.delay("peer3", 50)
+def test_the_router_moves_off_a_replica_whose_link_becomes_slow(swarm):
     driver, stop_file = swarm.start_driver("latency")
     try:
-        records = wait_steps(driver, 60, 120)
+        before = wait_steps(driver, 20, 120)
+        name = busiest(swarm, before[-10:])  # slow down the replica the router prefers
+        slow_peer = swarm.peers[name]
+        fast = [endpoint for other, endpoint in swarm.peers.items() if other != name]
+        how = swarm.topology.slow_down(name, 50)
+        print(f"{name}'s link: {how}")
+        slowed_at = time.time()
+        records = wait_steps(driver, len(before) + 50, 120)
     finally:
         stop_file.touch()
         driver.proc.wait(30)
     assert all(r["ok"] for r in records)
-    settled = records[10:]  # the router first learns every replica's latency
+    after = started_after(records, slowed_at)
+    settled = after[5:]  # a call or two on the slow link teaches the router its latency
     slow, quick = served(settled, slow_peer), sum(served(settled, e) for e in fast)
     assert quick > 0 and slow <= 0.1 * (slow + quick), f"{slow} calls went to the slow replica, {quick} to fast ones"
-    slow_latency = [r["seconds"] for r in records if r["served"].get(slow_peer)]
-    assert not slow_latency or max(slow_latency) >= 0.05, "the delay is real: calls to it take 50 ms or more"
+    slow_steps = [r["seconds"] for r in after if r["served"].get(slow_peer)]
+    assert slow_steps and max(slow_steps) >= 0.05, "the link is slow: a step it served took 50 ms or more"
