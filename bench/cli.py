@@ -10,7 +10,9 @@ import argparse
 import importlib
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -58,14 +60,23 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CI smoke test (about a minute)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="directory for the JSON results and plots")
     parser.add_argument(
-        "--report", default=None,
+        "--report",
+        default=None,
         help="where to write the markdown report (default: BENCHMARKS.md in the repository for the default --out, "
         "else OUT/BENCHMARKS.md); 'none' to skip",
     )
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="auto: also run the layer benchmark with experts on CUDA when a GPU is present")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="torch compute threads for every side of the layer benchmark (default: all cores)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="auto: also run the layer benchmark with experts on CUDA when a GPU is present",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch compute threads for every side of the layer benchmark (default: all cores)",
+    )
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
@@ -76,9 +87,15 @@ def run_bench_command(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     ctx = BenchContext(quick=args.quick, out=Path(args.out), device=args.device, threads=args.threads)
     tuned = tune_allocator()
+    _stop_on_sigterm()
     command = "dmoe bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
-    meta = {"command": command.strip(), "quick": ctx.quick, "machine": machine_info(), "allocator_tuned": tuned,
-            "threads": ctx.threads}
+    meta = {
+        "command": command.strip(),
+        "quick": ctx.quick,
+        "machine": machine_info(),
+        "allocator_tuned": tuned,
+        "threads": ctx.threads,
+    }
     failed = []
     for name in names:
         module_name, _help = BENCHMARKS[name]
@@ -97,8 +114,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
         print(f"\n{name} ({result['elapsed_s']:.0f} s; {path})")
         print(format_table(headers, rows))
         for target in result.get("targets", []):
-            print(f"  target {target['name']}: {_fmt(target['value'])} ({target['target']}): "
-                  f"{'met' if target['met'] else 'MISSED'}")
+            print(
+                f"  target {target['name']}: {_fmt(target['value'])} ({target['target']}): "
+                f"{'met' if target['met'] else 'MISSED'}"
+            )
         sys.stdout.flush()
     report = _report_path(args, ctx.out)
     if report is not None:
@@ -107,6 +126,16 @@ def run_bench_command(args: argparse.Namespace) -> int:
         write_report(ctx.out, report)
         log(f"wrote {report}")
     return 1 if failed else 0
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so that every benchmark stops the servers it started."""
+    if threading.current_thread() is threading.main_thread():
+
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
 
 
 def _report_path(args: argparse.Namespace, out: Path) -> Path | None:

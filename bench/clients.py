@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -55,15 +56,54 @@ def _live_uids(layer) -> list[str]:
 
 
 class HivemindClient:
-    """A client-mode hivemind DHT joined to a hivemind server, and the MoE layers built on it."""
+    """A client-mode hivemind DHT joined to a hivemind server, and the MoE layers built on it.
 
-    def __init__(self, initial_peers):
+    hivemind's DHT runs in a child process that was seen to die under load (BlockingIOError in its pipe), after
+    which every call into it waits forever. Here each call checks the process first and starts a new DHT
+    (counted in `restarts`) when it is gone, and a forward that does not return in `call_timeout` seconds fails.
+    """
+
+    def __init__(self, initial_peers, *, call_timeout: float = 300.0):
+        import asyncio
+
+        # hivemind's objects close themselves on garbage collection through the thread's event loop; without one
+        # (uvloop's policy) every collection prints a traceback
+        try:
+            asyncio.get_event_loop_policy().get_event_loop()
+        except RuntimeError:
+            asyncio.set_event_loop(asyncio.new_event_loop())
+        self.initial_peers, self.call_timeout = list(initial_peers), call_timeout
+        self.restarts, self.generation = 0, 0
+        self.dht = self._start_dht()
+
+    def _start_dht(self):
         import hivemind
 
-        self.dht = hivemind.DHT(initial_peers=initial_peers, client_mode=True, start=True)
+        for _attempt in range(3):
+            dht = hivemind.DHT(initial_peers=self.initial_peers, client_mode=True, start=True)
+            time.sleep(0.2)
+            if dht.is_alive():
+                return dht
+            dht.shutdown()
+        raise RuntimeError("hivemind's DHT process died at start three times in a row")
+
+    def ensure_alive(self) -> None:
+        """Start a new DHT (and so new layers) when the DHT process has died."""
+        if self.dht.is_alive():
+            return
+        try:
+            self.dht.shutdown()
+        except Exception:
+            pass
+        self.dht = self._start_dht()
+        self.restarts += 1
+        self.generation += 1
 
     def layer(self, hidden_dim: int, prefix: str, num_experts: int, k: int, gate: nn.Linear, **options):
         """`hivemind.moe.RemoteMixtureOfExperts` with `gate`'s weights, once all experts are declared."""
+        return HivemindLayer(self, hidden_dim, prefix, num_experts, k, gate, options)
+
+    def _build(self, hidden_dim: int, prefix: str, num_experts: int, k: int, gate: nn.Linear, options: dict):
         from hivemind.moe import RemoteMixtureOfExperts
         from hivemind.moe.server import get_experts
 
@@ -75,7 +115,11 @@ class HivemindClient:
             time.sleep(0.5)
         options = {"forward_timeout": 120.0, "backward_timeout": 120.0, "timeout_after_k_min": 120.0, **options}
         layer = RemoteMixtureOfExperts(
-            in_features=hidden_dim, grid_size=(num_experts,), dht=self.dht, uid_prefix=f"{prefix}.", k_best=k,
+            in_features=hidden_dim,
+            grid_size=(num_experts,),
+            dht=self.dht,
+            uid_prefix=f"{prefix}.",
+            k_best=k,
             **options,
         )
         copy_gate(gate, layer.proj)
@@ -85,3 +129,42 @@ class HivemindClient:
 
     def shutdown(self) -> None:
         self.dht.shutdown()
+
+
+class HivemindLayer(nn.Module):
+    """hivemind's layer, rebuilt on a new DHT when the old one died, with a timeout on each forward."""
+
+    def __init__(self, client: HivemindClient, hidden_dim, prefix, num_experts, k, gate, options):
+        super().__init__()
+        self.client, self.spec = client, (hidden_dim, prefix, num_experts, k, gate, options)
+        self.inner = client._build(*self.spec)
+        self._generation = client.generation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.client.ensure_alive()
+        if self._generation != self.client.generation:
+            self.inner = self.client._build(*self.spec)
+            self._generation = self.client.generation
+        return call_with_timeout(self.inner, x, timeout=self.client.call_timeout)
+
+
+def call_with_timeout(fn, *args, timeout: float):
+    """`fn(*args)` on a helper thread (with this thread's grad mode); TimeoutError if it does not return in time."""
+    outcome: dict = {}
+    grad = torch.is_grad_enabled()
+
+    def target() -> None:
+        try:
+            with torch.set_grad_enabled(grad):
+                outcome["value"] = fn(*args)
+        except BaseException as exc:  # handed to the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {timeout:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

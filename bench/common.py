@@ -48,9 +48,13 @@ def tune_allocator() -> bool:
     return bool(ok)
 
 
-def child_env(threads: int | None = None) -> dict[str, str]:
+def child_env(threads: int | None = None, *, tuned_allocator: bool = True) -> dict[str, str]:
     """Environment for a server process started by a benchmark: allocator settings, thread counts, quiet logs."""
-    env = {**os.environ, **ALLOCATOR_ENV, "PYTHONUNBUFFERED": "1", "GRPC_VERBOSITY": "ERROR"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRPC_VERBOSITY": "ERROR"}
+    for key in ALLOCATOR_ENV:
+        env.pop(key, None)
+    if tuned_allocator:
+        env.update(ALLOCATOR_ENV)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -131,7 +135,7 @@ def interleave(sides: Sequence[Side], *, max_errors: int = 3, log: Callable[[str
             _attempt(side, timed=True)
         round_index += 1
         if log is not None:
-            log("  round %d: %s" % (round_index, ", ".join(f"{s.name} {len(s.samples)}" for s in sides)))
+            log(f"  round {round_index}: " + ", ".join(f"{s.name} {len(s.samples)}" for s in sides))
 
 
 def _attempt(side: Side, *, timed: bool) -> None:
@@ -260,10 +264,14 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> st
     """A plain-text table with right-aligned figures (used for the terminal and, as markdown, for the report)."""
     rows = [[_cell(c) for c in row] for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(headers)]
-    line = "  ".join(str(h).ljust(w) if i == 0 else str(h).rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
+    line = "  ".join(
+        str(h).ljust(w) if i == 0 else str(h).rjust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True))
+    )
     out = [line, "  ".join("-" * w for w in widths)]
     for row in rows:
-        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        out.append(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        )
     return "\n".join(out)
 
 

@@ -26,8 +26,14 @@ def make_backends(prefix: str, num_experts: int, hidden_dim: int, device: str = 
     expert_class = get_expert_class("ffn")
     return [
         ExpertBackend(
-            f"{prefix}.{i}", expert_class, hidden_dim, optimizer="adam", lr=1e-3, clip_grad_norm=1.0,
-            device=device, seed=expert_seed(f"{prefix}.{i}"),
+            f"{prefix}.{i}",
+            expert_class,
+            hidden_dim,
+            optimizer="adam",
+            lr=1e-3,
+            clip_grad_norm=1.0,
+            device=device,
+            seed=expert_seed(f"{prefix}.{i}"),
         )
         for i in range(num_experts)
     ]
@@ -81,8 +87,8 @@ class LocalMoE(nn.Module):
         weights, top_index = self.route(x)
         jobs = list(self._dispatch(top_index.detach()))
         outputs = {}
-        for expert, token, _slot in jobs:  # what Forward does on a peer
-            outputs[expert] = self.backends[expert].forward([x[token].detach()])[0]
+        for expert, token, _slot in jobs:  # what Forward does on a peer (the clone stands for the wire)
+            outputs[expert] = self.backends[expert].forward([x[token].detach()])[0].clone()
         combined = torch.zeros_like(x)
         for expert, token, slot in jobs:
             combined = combined.index_add(0, token, outputs[expert] * weights[token, slot, None])

@@ -7,6 +7,9 @@ limit, the dmoe peers and the hivemind server start from identical weights and d
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
+import ctypes.util
 import os
 import re
 import signal
@@ -32,17 +35,37 @@ def expert_seed(uid: str, seed: int = SEED) -> int:
     return zlib.crc32(f"{seed}/{uid}".encode())
 
 
-class ServerProcess:
-    """A child process whose output goes to a log file; `wait_for(pattern)` reads its ready line."""
+# Children are spawned from this one long-lived thread: with PR_SET_PDEATHSIG they get SIGTERM when it ends,
+# i.e. when the benchmark process dies, even by SIGKILL, so no server outlives a benchmark.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bench-spawner")
 
-    def __init__(self, name: str, args: Sequence[str], *, threads: int | None, log_dir: Path):
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+class ServerProcess:
+    """A child process (its own process group) whose output goes to a log file; `wait_for` reads its ready line."""
+
+    def __init__(
+        self, name: str, args: Sequence[str], *, threads: int | None, log_dir: Path, tuned_allocator: bool = True
+    ):
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")
-        self.popen = subprocess.Popen(
-            list(args), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
-            env=child_env(threads), start_new_session=True,
-        )
+        self.popen = _SPAWNER.submit(
+            subprocess.Popen,
+            list(args),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=child_env(threads, tuned_allocator=tuned_allocator),
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        ).result()
 
     @property
     def pid(self) -> int:
@@ -105,8 +128,12 @@ class DmoeGroup:
         device: str = "cpu",
         extra_args: Sequence[str] = (),
         log_dir: Path | None = None,
+        launcher: Sequence[str] = (sys.executable, "-m", "dmoe_cli"),
+        tuned_allocator: bool = True,
     ):
+        self.tuned_allocator = tuned_allocator
         self.name, self.assignments, self.hidden_dim = name, list(assignments), hidden_dim
+        self.launcher = list(launcher)
         self.compute_threads, self.device, self.extra_args = compute_threads, device, list(extra_args)
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix=f"dmoe-bench-{name}-"))
         self.peers: list[ServerProcess] = []
@@ -115,24 +142,49 @@ class DmoeGroup:
 
     def _args(self, index: int) -> list[str]:
         args = [
-            sys.executable, "-m", "dmoe_cli", "peer", "--experts", self.assignments[index],
-            "--hidden-dim", str(self.hidden_dim), "--compute-threads", str(self.compute_threads),
-            "--device", self.device, "--seed", str(SEED), "--optimizer", "adam", "--lr", "1e-3",
-            "--clip-grad-norm", "1.0", "--host", "127.0.0.1", "--port", "0", *self.extra_args,
+            *self.launcher,
+            "peer",
+            "--experts",
+            self.assignments[index],
+            "--hidden-dim",
+            str(self.hidden_dim),
+            "--compute-threads",
+            str(self.compute_threads),
+            "--device",
+            self.device,
+            "--seed",
+            str(SEED),
+            "--optimizer",
+            "adam",
+            "--lr",
+            "1e-3",
+            "--clip-grad-norm",
+            "1.0",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            *self.extra_args,
         ]
         if self.initial_peers:
             args += ["--initial-peers", *self.initial_peers]
         return args
 
+    def _spawn(self, index: int) -> ServerProcess:
+        return ServerProcess(
+            f"{self.name}-peer-{index}",
+            self._args(index),
+            threads=self.compute_threads,
+            log_dir=self.log_dir,
+            tuned_allocator=self.tuned_allocator,
+        )
+
     def start(self, timeout: float = 120.0) -> DmoeGroup:
-        first = ServerProcess(f"{self.name}-peer-0", self._args(0), threads=self.compute_threads, log_dir=self.log_dir)
+        first = self._spawn(0)
         self.peers.append(first)
         self.endpoints.append(first.wait_for(PEER_READY, timeout).group(1))
         self.initial_peers = [first.wait_for(PEER_DHT, 10).group(1)]
-        rest = [
-            ServerProcess(f"{self.name}-peer-{i}", self._args(i), threads=self.compute_threads, log_dir=self.log_dir)
-            for i in range(1, len(self.assignments))
-        ]
+        rest = [self._spawn(i) for i in range(1, len(self.assignments))]
         self.peers += rest
         self.endpoints += [peer.wait_for(PEER_READY, timeout).group(1) for peer in rest]
         return self
@@ -168,8 +220,17 @@ class HivemindServer:
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="dmoe-bench-hivemind-"))
         spec = ",".join(f"{prefix}:{count}:{hidden}" for prefix, (count, hidden) in groups.items())
         args = [
-            sys.executable, "-m", "bench.hivemind_server", "--experts", spec, "--threads", str(threads),
-            "--device", device, "--handlers", str(handlers),
+            sys.executable,
+            "-m",
+            "bench.hivemind_server",
+            "--experts",
+            spec,
+            "--threads",
+            str(threads),
+            "--device",
+            device,
+            "--handlers",
+            str(handlers),
         ]
         self.process = ServerProcess("hivemind-server", args, threads=threads, log_dir=self.log_dir)
         self.initial_peers: list[str] = []
@@ -209,6 +270,7 @@ def start_all(*servers) -> list:
 
 def stop_all(*servers) -> None:
     """Stop servers concurrently, never raising."""
+
     def stop(server) -> None:
         try:
             server.stop()

@@ -86,7 +86,11 @@ def _add_status_args(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, StatusConfig, skip=("initial_peers",))
     from_env = os.environ.get("DMOE_INITIAL_PEERS", "").replace(",", " ").split()
     parser.add_argument(
-        "--initial-peers", nargs="+", default=from_env, required=not from_env, metavar="MADDR",
+        "--initial-peers",
+        nargs="+",
+        default=from_env,
+        required=not from_env,
+        metavar="MADDR",
         help="DHT nodes to ask [DMOE_INITIAL_PEERS; required unless that is set]",
     )
 

@@ -149,8 +149,14 @@ class _Process:
         self._log.flush()
         # Spawned on the swarm's long-lived spawner thread: PDEATHSIG fires when the spawning *thread* ends.
         future = spawner.submit(
-            subprocess.Popen, self.args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True, preexec_fn=_death_signal_preexec(),
+            subprocess.Popen,
+            self.args,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_death_signal_preexec(),
         )
         self.reported_exit = False
         try:
@@ -286,8 +292,17 @@ class LocalSwarm:
         addr_file = self.log_dir / "dht.addrs"
         addr_file.unlink(missing_ok=True)
         args = [
-            sys.executable, "-m", "dmoe_cli", "dht", *(["-v"] if self.verbose else []),
-            "--host", "127.0.0.1", "--port", "0", "--addr-file", str(addr_file),
+            sys.executable,
+            "-m",
+            "dmoe_cli",
+            "dht",
+            *(["-v"] if self.verbose else []),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--addr-file",
+            str(addr_file),
         ]
         self._dht = _Process("DHT node", args, self.log_dir / "dht.log")
         self._dht.spawn(self._spawner, self._env)
@@ -300,13 +315,23 @@ class LocalSwarm:
     def _peer_process(self, index: int) -> _Process:
         config = self.config
         args = [
-            sys.executable, "-m", "dmoe_cli", "peer", *(["-v"] if self.verbose else []),
-            "--initial-peers", *self.initial_peers,
-            "--experts", ",".join(self.assignments[index]),
-            "--expert-cls", config.expert_cls,
-            "--hidden-dim", str(config.hidden_dim),
-            "--host", "127.0.0.1",
-            "--port", "0",
+            sys.executable,
+            "-m",
+            "dmoe_cli",
+            "peer",
+            *(["-v"] if self.verbose else []),
+            "--initial-peers",
+            *self.initial_peers,
+            "--experts",
+            ",".join(self.assignments[index]),
+            "--expert-cls",
+            config.expert_cls,
+            "--hidden-dim",
+            str(config.hidden_dim),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
         ]
         if config.checkpoint_dir:
             args += ["--checkpoint-dir", str(self.peer_checkpoint_dir(index))]
@@ -502,7 +527,8 @@ def run_swarm(config: SwarmConfig, *, verbose: bool = False) -> int:
                 print(
                     f"{child.name} (pid {child.popen.pid}) exited unexpectedly with code {child.popen.returncode}; "
                     f"not restarting it. The end of its log ({child.log_path}):\n{child.tail(20)}",
-                    file=sys.stderr, flush=True,
+                    file=sys.stderr,
+                    flush=True,
                 )
     except KeyboardInterrupt:
         pass
@@ -525,7 +551,9 @@ def add_swarm_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `dmoe swarm`: one per SwarmConfig field, and `dmoe peer` flags after `--`."""
     add_config_arguments(parser, SwarmConfig)
     parser.add_argument(
-        "peer_args", nargs="*", metavar="-- PEER_FLAGS",
+        "peer_args",
+        nargs="*",
+        metavar="-- PEER_FLAGS",
         help="flags passed to every `dmoe peer`, after `--` (e.g. `-- --lr 0.01 --optimizer sgd`)",
     )
 

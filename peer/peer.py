@@ -280,12 +280,17 @@ async def run_peer(config: PeerConfig, *, on_ready=None) -> None:
 def _announce_host(config: PeerConfig) -> str:
     if config.announce_host:
         return config.announce_host
-    if config.host in ("0.0.0.0", "::", ""):
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return "127.0.0.1"
-    return config.host
+    if config.host not in ("0.0.0.0", "::", ""):
+        return config.host
+    try:  # in a container the hostname maps to the container's address
+        addresses = socket.gethostbyname_ex(socket.gethostname())[2]
+    except OSError:
+        addresses = []
+    reachable = [a for a in addresses if not a.startswith("127.")]
+    if reachable:
+        return reachable[0]
+    logger.warning("this machine's name resolves to loopback only; pass --announce-host so others can reach it")
+    return "127.0.0.1"
 
 
 def _bracket(host: str) -> str:

@@ -175,8 +175,8 @@ class Dispatcher:
                     try:
                         outputs = task.result()
                         self._check(outputs, expected, replica, job.uid, backward=backward)
-                    except (ExpertCallError, AnomalousAnswerError) as exc:
-                        reason = exc.reason if isinstance(exc, ExpertCallError) else str(exc)
+                    except Exception as exc:  # a failed call, a bad answer, or anything unexpected
+                        reason = exc.reason if isinstance(exc, ExpertCallError) else str(exc) or repr(exc)
                         errors.append(f"{replica.endpoint}: {reason}")
                         self.scores.record_failure(replica.endpoint, reason)
                         continue
@@ -187,8 +187,14 @@ class Dispatcher:
                 if not attempts and next_replica < len(ordered) and time.monotonic() < deadline:
                     launch()  # failover inside the same deadline
         finally:
-            for task in attempts:
+            now = time.monotonic()
+            for task, (replica, started) in attempts.items():
                 task.cancel()
+                # cancelled while silent for much longer than usual (e.g. a cut link that drops packets):
+                # ban it, or its good record would keep it first in line and every call would wait for it
+                usual = self.scores.typical_latency(replica.endpoint) or 0.0
+                if now - started >= max(4 * usual, 0.25):
+                    self.scores.record_failure(replica.endpoint, f"no answer after {now - started:.2f} s")
         if not errors:
             errors.append("deadline passed")
         return JobResult(error="; ".join(errors))

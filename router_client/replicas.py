@@ -48,7 +48,7 @@ class PeerScores:
         if state.permanent:
             return
         state.failures_in_a_row += 1
-        duration = min(self.ban_max, self.ban_base * 2 ** (state.failures_in_a_row - 1))
+        duration = min(self.ban_max, self.ban_base * 2.0 ** min(state.failures_in_a_row - 1, 30))
         state.banned_until = time.monotonic() + duration
         state.ban_reason = reason
 
@@ -85,6 +85,11 @@ class PeerScores:
             shuffled,
             key=lambda r: (self.is_banned(r.endpoint), r.endpoint != preferred, self.score(r)),
         )
+
+    def typical_latency(self, endpoint: str) -> float | None:
+        """Smoothed latency of `endpoint`'s successful calls, or None before the first one."""
+        state = self._peers.get(endpoint)
+        return None if state is None else state.latency
 
     def hedge_delay(self, endpoint: str) -> float | None:
         """p95 of the recent latencies of `endpoint`, or None while fewer than 8 are known."""

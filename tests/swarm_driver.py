@@ -38,8 +38,14 @@ def main() -> int:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     moe = RemoteMixtureOfExperts(
-        args.hidden_dim, (args.num_experts,), "ffn", k_best=2, initial_peers=args.initial_peers,
-        forward_timeout=args.timeout, backward_timeout=args.timeout, allow_zero_outputs=True,
+        args.hidden_dim,
+        (args.num_experts,),
+        "ffn",
+        k_best=2,
+        initial_peers=args.initial_peers,
+        forward_timeout=args.timeout,
+        backward_timeout=args.timeout,
+        allow_zero_outputs=True,
     )
     served: collections.Counter = collections.Counter()
     transport = moe.dispatcher.transport
@@ -71,8 +77,10 @@ def main() -> int:
         except Exception as error:  # a failed step is reported, and training goes on
             record.update(ok=False, error=repr(error)[:500])
         record.update(
-            seconds=round(time.monotonic() - started, 4), served=dict(served),
-            masked=moe.stats["masked_tokens"] - masked_before, time=time.time(),
+            seconds=round(time.monotonic() - started, 4),
+            served=dict(served),
+            masked=moe.stats["masked_tokens"] - masked_before,
+            time=time.time(),
         )
         print(json.dumps(record), flush=True)
     return 0

@@ -62,11 +62,29 @@ def test_chaos_flags_are_also_environment_variables(monkeypatch):
 def test_a_restart_event_compares_what_was_resumed_with_the_checkpoints_at_the_kill():
     kill = ChaosEvent("kill", 2, 5.0, ["ffn.1", "ffn.3"], pid=42, update_counts={"ffn.1": 12, "ffn.3": None})
     assert kill.describe() == "chaos +5.0s: SIGKILL peer 2 (pid 42; ffn.1 ffn.3); checkpoints hold ffn.1=12 ffn.3=none"
-    good = ChaosEvent("restart", 2, 9.0, kill.uids, pid=43, endpoint="127.0.0.1:1", seconds=4.0,
-                      update_counts={"ffn.1": 12, "ffn.3": 0}, checkpointed=kill.update_counts)
+    good = ChaosEvent(
+        "restart",
+        2,
+        9.0,
+        kill.uids,
+        pid=43,
+        endpoint="127.0.0.1:1",
+        seconds=4.0,
+        update_counts={"ffn.1": 12, "ffn.3": 0},
+        checkpointed=kill.update_counts,
+    )
     assert good.resumed_as_checkpointed and "(as checkpointed)" in good.describe()
-    bad = ChaosEvent("restart", 2, 9.0, kill.uids, pid=43, endpoint="127.0.0.1:1", seconds=4.0,
-                     update_counts={"ffn.1": 0, "ffn.3": 0}, checkpointed=kill.update_counts)
+    bad = ChaosEvent(
+        "restart",
+        2,
+        9.0,
+        kill.uids,
+        pid=43,
+        endpoint="127.0.0.1:1",
+        seconds=4.0,
+        update_counts={"ffn.1": 0, "ffn.3": 0},
+        checkpointed=kill.update_counts,
+    )
     assert not bad.resumed_as_checkpointed and "MISMATCH" in bad.describe()
 
 
@@ -116,22 +134,68 @@ def test_training_survives_sigkilled_peers_and_restarted_peers_resume_their_chec
     seconds, interval = 30, 5
     checkpoints = tmp_path / "checkpoints"
     swarm = subprocess.Popen(
-        [*DMOE, "swarm", "--peers", "4", "--experts-per-peer", "2", "--replicas", "2", "--hidden-dim", "32",
-         "--chaos-kill-every", str(interval), "--chaos-restart", "--chaos-seed", "1",
-         "--checkpoint-dir", str(checkpoints), "--addr-file", str(tmp_path / "dht.txt"),
-         "--log-dir", str(tmp_path / "logs")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        [
+            *DMOE,
+            "swarm",
+            "--peers",
+            "4",
+            "--experts-per-peer",
+            "2",
+            "--replicas",
+            "2",
+            "--hidden-dim",
+            "32",
+            "--chaos-kill-every",
+            str(interval),
+            "--chaos-restart",
+            "--chaos-seed",
+            "1",
+            "--checkpoint-dir",
+            str(checkpoints),
+            "--addr-file",
+            str(tmp_path / "dht.txt"),
+            "--log-dir",
+            str(tmp_path / "logs"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
     )
     client = None
     swarm_output = _Reader(swarm)
     try:
         assert swarm_output.wait_for("Ctrl-C", 120), swarm_output.text
         client = subprocess.Popen(
-            [*DMOE, "train", "--initial-peers", *(tmp_path / "dht.txt").read_text().split(),
-             "--steps", "1000000", "--no-progress", "--json", "--grid-size", "4", "--n-embd", "32",
-             "--max-corpus-bytes", "200000", "--eval-every", "0", "--sample-chars", "0", "--threads", "1",
-             "--checkpoint", str(tmp_path / "client.pt"), "--no-resume"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+            [
+                *DMOE,
+                "train",
+                "--initial-peers",
+                *(tmp_path / "dht.txt").read_text().split(),
+                "--steps",
+                "1000000",
+                "--no-progress",
+                "--json",
+                "--grid-size",
+                "4",
+                "--n-embd",
+                "32",
+                "--max-corpus-bytes",
+                "200000",
+                "--eval-every",
+                "0",
+                "--sample-chars",
+                "0",
+                "--threads",
+                "1",
+                "--checkpoint",
+                str(tmp_path / "client.pt"),
+                "--no-resume",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
         )
         time.sleep(seconds)
         client.send_signal(signal.SIGINT)  # Ctrl-C: the step in progress ends, the summary is printed

@@ -356,6 +356,35 @@ def test_the_slot_launcher_execs_its_command_with_the_claimed_directory(tmp_path
     assert result.stdout.strip() == str(tmp_path / "peer-0")
 
 
+def test_the_slot_stays_taken_while_the_execd_command_runs(tmp_path):
+    template = str(tmp_path / "peer-{slot}")
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dmoe_cli.slot",
+            sys.executable,
+            "-c",
+            "import time; print('up', flush=True); time.sleep(60)",
+        ],
+        env={**os.environ, "DMOE_CHECKPOINT_DIR": template},
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert child.stdout.readline().strip() == "up"
+        taken, _, fd = slot.claim_slot(template)
+        assert taken == 1, "the exec'd command holds slot 0"
+        os.close(fd)
+    finally:
+        child.kill()
+        child.wait(10)
+    free, _, fd = slot.claim_slot(template)
+    assert free == 0, "its slot is free once it has exited"
+    os.close(fd)
+
+
 def test_the_healthcheck_reports_a_serving_peer_and_a_closed_port(peer):
     assert healthcheck.main([peer.endpoint]) == 0
     assert healthcheck.main(["--tcp", peer.endpoint]) == 0
