@@ -70,6 +70,7 @@ class ExpertTransport:
         self.metadata = (((SWARM_KEY_METADATA, swarm_key),) if swarm_key else ()) + client_id
         self.credentials = credentials
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._unary_methods: dict[tuple[str, bool], grpc.aio.UnaryUnaryMultiCallable] = {}
 
     def channel(self, endpoint: str) -> grpc.aio.Channel:
         """The (reused) channel to `endpoint`."""
@@ -88,6 +89,17 @@ class ExpertTransport:
             self._channels[endpoint] = channel
         return channel
 
+    def _unary(self, endpoint: str, backward: bool):
+        """The (cached) unary multicallable for Forward or Backward at `endpoint`."""
+        key = (endpoint, backward)
+        method = self._unary_methods.get(key)
+        if method is None:
+            method = self._unary_methods[key] = self.channel(endpoint).unary_unary(
+                _METHOD + ("Backward" if backward else "Forward"),
+                response_deserializer=expert_pb2.ExpertResponse.FromString,
+            )
+        return method
+
     async def call(
         self, endpoint: str, uid: str, tensors: list[torch.Tensor], *, backward: bool, timeout: float
     ) -> list[torch.Tensor]:
@@ -98,10 +110,7 @@ class ExpertTransport:
         size = sum(t.numel() * t.element_size() for t in tensors)  # an upper bound of the encoded size
         try:
             if size < self.max_message_bytes * 0.9:
-                response = await self.channel(endpoint).unary_unary(
-                    _METHOD + ("Backward" if backward else "Forward"),
-                    response_deserializer=expert_pb2.ExpertResponse.FromString,
-                )(
+                response = await self._unary(endpoint, backward)(
                     expert_pb2.ExpertRequest(
                         uid=uid, tensors=messages, response_compression=self.compression
                     ).SerializeToString(),
@@ -140,6 +149,6 @@ class ExpertTransport:
 
     async def close(self) -> None:
         """Close every channel."""
-        channels, self._channels = list(self._channels.values()), {}
+        channels, self._channels, self._unary_methods = list(self._channels.values()), {}, {}
         for channel in channels:
             await channel.close()
