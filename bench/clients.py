@@ -87,12 +87,12 @@ class HivemindClient:
             dht.shutdown()
         raise RuntimeError("hivemind's DHT process died at start three times in a row")
 
-    def ensure_alive(self) -> None:
-        """Start a new DHT (and so new layers) when the DHT process has died."""
-        if self.dht.is_alive():
+    def ensure_alive(self, *, force: bool = False) -> None:
+        """Start a new DHT (and so new layers) when the DHT process has died, or with `force` (it hangs)."""
+        if self.dht.is_alive() and not force:
             return
         try:
-            self.dht.shutdown()
+            self.dht.kill()  # not shutdown(): it writes to the pipe that a wedged process no longer reads
         except Exception:
             pass
         self.dht = self._start_dht()
@@ -145,7 +145,11 @@ class HivemindLayer(nn.Module):
         if self._generation != self.client.generation:
             self.inner = self.client._build(*self.spec)
             self._generation = self.client.generation
-        return call_with_timeout(self.inner, x, timeout=self.client.call_timeout)
+        try:
+            return call_with_timeout(self.inner, x, timeout=self.client.call_timeout)
+        except TimeoutError:
+            self.client.ensure_alive(force=True)
+            raise
 
 
 def call_with_timeout(fn, *args, timeout: float):

@@ -110,6 +110,7 @@ class Side:
     setup: Callable[[], object] | None = None
     samples: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    gave_up: bool = False  # set after a TimeoutError: a side that hangs once is not given another minute
 
     @property
     def done(self) -> bool:
@@ -124,10 +125,11 @@ def interleave(sides: Sequence[Side], *, max_errors: int = 3, log: Callable[[str
     """
     for side in sides:
         for _ in range(side.warmup):
-            _attempt(side, timed=False)
+            if not side.gave_up:
+                _attempt(side, timed=False)
     round_index = 0
     while True:
-        active = [s for s in sides if not s.done and len(s.errors) < max_errors]
+        active = [s for s in sides if not s.done and not s.gave_up and len(s.errors) < max_errors]
         if not active:
             break
         shift = round_index % len(active)
@@ -147,6 +149,7 @@ def _attempt(side: Side, *, timed: bool) -> None:
         elapsed = time.perf_counter() - started
     except Exception as exc:  # a failing side is reported, never fatal for the others
         side.errors.append(f"{type(exc).__name__}: {exc}"[:500])
+        side.gave_up = side.gave_up or isinstance(exc, TimeoutError)
         return
     if timed:
         side.samples.append(elapsed)

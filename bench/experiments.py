@@ -5,9 +5,10 @@ writes them properly; they reach into private functions and may stop applying wh
 
 * ``inline`` (peer): a batch of at most `INLINE_ELEMENTS` input elements is computed on the event loop itself
   instead of hopping to the compute thread and back (`peer.batching.BatchingQueue._run`);
-* ``rawcodec`` (peer and client): requests and responses are written and read with `bench.fastcodec` (the same
-  protobuf wire format, payload copied once on encode, zero times on decode) instead of protobuf objects
-  (`peer.servicer.ExpertServicer._unary`, `router_client.transport.ExpertTransport.call`).
+* ``rawcodec`` (peer and client): requests and responses of at least `RAW_MIN_BYTES` are written and read with
+  `bench.fastcodec` (the same protobuf wire format, payload copied once on encode, zero times on decode)
+  instead of protobuf objects (`peer.servicer.ExpertServicer._unary`, `router_client.transport.ExpertTransport.call`);
+  smaller ones keep protobuf, whose C parser is faster than a Python walk of the wire format there.
 
     python -m bench.experiments --hidden 64 --tokens 16 --mode latency
     python -m bench.experiments --hidden 1024 --tokens 512 4096 --mode infer train
@@ -24,6 +25,7 @@ import sys
 import types
 
 INLINE_ELEMENTS = 1 << 16
+RAW_MIN_BYTES = 1 << 16  # below this, protobuf's C parser beats the pure-Python wire walk: keep protobuf
 PATCHES = ("inline", "rawcodec")
 
 
@@ -75,6 +77,8 @@ def patch_peer(patches: set[str]) -> None:
         original_decode = servicer_module.ExpertServicer._decode
 
         async def _unary(self, request, context, *, backward):
+            if len(request) < RAW_MIN_BYTES:
+                return await original_unary(self, request, context, backward=backward)
             try:
                 uid, tensors, compression = fastcodec.decode(request, request=True)
             except Exception:  # compressed, chunked or malformed: the protobuf path says what is wrong
@@ -119,7 +123,7 @@ def patch_transport(transport) -> None:
 
     async def call(self, endpoint, uid, tensors, *, backward, timeout):
         size = sum(t.numel() * t.element_size() for t in tensors)
-        if self.compression or size >= self.max_message_bytes * 0.9 or timeout <= 0:
+        if self.compression or not RAW_MIN_BYTES <= size < self.max_message_bytes * 0.9 or timeout <= 0:
             return await original(endpoint, uid, tensors, backward=backward, timeout=timeout)
         method = "/dmoe.v1.ExpertService/" + ("Backward" if backward else "Forward")
         try:

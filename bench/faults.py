@@ -28,7 +28,7 @@ def run(ctx) -> dict:
     from router_client.corpus import load_corpus, sample_batch
     from router_client.model import CharTransformer, ModelConfig
 
-    segment_s, pairs, kill_every = (5.0, 1, 3.0) if ctx.quick else (30.0, 2, 10.0)
+    segment_s, pairs, kill_every = (5.0, 1, 3.0) if ctx.quick else (20.0, 2, 10.0)
     torch.set_num_threads(1)
     swarm_config = SwarmConfig(
         peers=4, experts_per_peer=4, replicas=2, hidden_dim=64, extra_peer_args=["--compute-threads", "1"]

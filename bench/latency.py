@@ -41,7 +41,7 @@ def run(ctx) -> dict:
     try:
         ctx.log("latency: starting 2 dmoe peers and a hivemind server")
         start_all(server, *groups.values())
-        hivemind_client = HivemindClient(server.initial_peers)
+        hivemind_client = HivemindClient(server.initial_peers, call_timeout=60.0)
         for prefix, hidden in hiddens.items():
             gate = make_gate(hidden, num_experts, fixed=FIXED)
             local = LocalMoE(gate, make_backends(prefix, num_experts, hidden), K)

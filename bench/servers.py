@@ -232,12 +232,25 @@ class HivemindServer:
             "--handlers",
             str(handlers),
         ]
+        self.args, self.threads = args, threads
         self.process = ServerProcess("hivemind-server", args, threads=threads, log_dir=self.log_dir)
         self.initial_peers: list[str] = []
+        self.start_attempts = 1
 
-    def start(self, timeout: float = 180.0) -> HivemindServer:
-        self.initial_peers = self.process.wait_for(HIVEMIND_READY, timeout).group(1).split()
-        return self
+    def start(self, timeout: float = 90.0, attempts: int = 3) -> HivemindServer:
+        """Wait until serving; a server that is not ready in `timeout` s (its start was seen to hang) is killed
+        and started again, up to `attempts` times."""
+        while True:
+            try:
+                self.initial_peers = self.process.wait_for(HIVEMIND_READY, timeout).group(1).split()
+                return self
+            except RuntimeError:
+                if self.start_attempts >= attempts:
+                    raise
+            self.process.stop(timeout=5)
+            self.start_attempts += 1
+            name = f"hivemind-server-{self.start_attempts}"
+            self.process = ServerProcess(name, self.args, threads=self.threads, log_dir=self.log_dir)
 
     @property
     def pid(self) -> int:

@@ -189,6 +189,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo_command(args)
 
 
+def _add_bench_args(parser: argparse.ArgumentParser) -> None:
+    from bench.cli import add_bench_arguments
+
+    add_bench_arguments(parser)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from bench.cli import run_bench_command
+
+    return run_bench_command(args)
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "dht": ("run a bootstrap DHT node that peers and clients join", _add_dht_args, _run_dht),
     "peer": ("host experts: serve them over gRPC and announce them in the DHT", _add_peer_args, _run_peer),
@@ -200,6 +212,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     ),
     "swarm": ("run a whole local swarm: a DHT node and N peer processes on 127.0.0.1", _add_swarm_args, _run_swarm),
     "demo": ("the main job: a local swarm, training over it, sampled text, clean shutdown", _add_demo_args, _run_demo),
+    "bench": (
+        "benchmarks side by side with hivemind and the in-process limit; writes JSON and BENCHMARKS.md",
+        _add_bench_args,
+        _run_bench,
+    ),
     "infer": (
         "sample text from a trained client checkpoint",
         _add_infer_args,
