@@ -85,6 +85,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    from dmoe_cli.logs import setup_logging
+
+    setup_logging(getattr(args, "verbose", False))
     ctx = BenchContext(quick=args.quick, out=Path(args.out), device=args.device, threads=args.threads)
     tuned = tune_allocator()
     _stop_on_sigterm()
@@ -157,11 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     parser = argparse.ArgumentParser(prog="dmoe bench", description=__doc__)
     add_bench_arguments(parser)
-    args = parser.parse_args(argv)
-    from dmoe_cli.logs import setup_logging
-
-    setup_logging(False)
-    return run_bench_command(args)
+    return run_bench_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

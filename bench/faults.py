@@ -8,8 +8,8 @@ in a fault segment one peer is SIGKILLed at its start and every 10 s after, roun
 with `allow_zero_outputs=False`, so a token that no expert served fails its step.
 
 Counted per segment: steps/s, failed steps (the forward or backward raised), dropped tokens (tokens that got
-fewer than their k=2 expert answers in the forward; `masked_tokens` of the router), failed expert requests
-(each one recovered or not) and backward requests that failed.
+fewer than their k=2 expert answers in the forward; `masked_tokens` of the router), expert requests that failed
+even after failover to the other replica, and backward requests that failed.
 """
 
 from __future__ import annotations

@@ -194,13 +194,13 @@ def make_plots(results_dir: str | os.PathLike) -> list[Path]:
     written = []
     if "layer" in results:
         rows = results["layer"]["devices"]["cpu"]["rows"]
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=72)
         for ax, mode in zip(axes, ("train", "infer"), strict=True):
             picked = [r for r in rows if r["mode"] == mode]
             for side in picked[0]["sides"] if picked else []:
                 xs = [r["batch"] for r in picked]
                 ys = [r["sides"][side]["tokens_per_s"] for r in picked]
-                ax.plot(xs, [y if y is not None else math.nan for y in ys], marker="o", label=side)
+                ax.plot(xs, [y if y is not None else math.nan for y in ys], marker="o", label=side, color=_color(side))
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("tokens per batch")
@@ -212,12 +212,18 @@ def make_plots(results_dir: str | os.PathLike) -> list[Path]:
         written.append(_save(fig, results_dir / "layer.png", plt))
     if "codec" in results:
         rows = results["codec"]["rows"]
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=72)
         for ax, dtype in zip(axes, ("float32", "bfloat16"), strict=True):
             paths = dict.fromkeys(r["path"] for r in rows if r["dtype"] == dtype)
             for path in paths:
                 picked = [r for r in rows if r["dtype"] == dtype and r["path"] == path]
-                ax.plot([r["mib"] for r in picked], [r["gb_per_s"] or math.nan for r in picked], marker="o", label=path)
+                ax.plot(
+                    [r["mib"] for r in picked],
+                    [r["gb_per_s"] or math.nan for r in picked],
+                    marker="o",
+                    label=path,
+                    color=PATH_COLORS.get(path, "C9"),
+                )
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("tensor MiB")
@@ -228,6 +234,22 @@ def make_plots(results_dir: str | os.PathLike) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, results_dir / "codec.png", plt))
     return written
+
+
+PATH_COLORS = {
+    "copy": "C0",
+    "message": "C1",
+    "wire": "C2",
+    "wire, float16": "C3",
+    "wire, 8bit": "C4",
+    "raw-bytes (prototype)": "C5",
+}
+SIDE_COLORS = {"in-process": "C0", "in-process, same work": "C1", "dmoe, 1 peer": "C2", "hivemind": "C3"}
+
+
+def _color(side: str) -> str:
+    """One colour per contender in every plot (the dmoe multi-peer side is the fifth)."""
+    return SIDE_COLORS.get(side, "C4")
 
 
 def _save(fig, path: Path, plt) -> Path:
