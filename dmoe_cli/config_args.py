@@ -14,6 +14,11 @@ import typing
 from typing import Any
 
 
+def config_field(default: Any, help: str, **extra: Any):
+    """A dataclass field whose metadata (help, choices, nargs) becomes its flag's argparse settings."""
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
 def _base_type(annotation: Any) -> tuple[type, bool]:
     """The scalar type of a field annotation and whether it is a list."""
     origin = typing.get_origin(annotation)

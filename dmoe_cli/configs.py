@@ -7,11 +7,9 @@ default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-def _opt(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
+from dmoe_cli.config_args import config_field as _opt
 
 
 @dataclass

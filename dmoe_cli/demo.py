@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from dmoe_cli.config_args import add_config_arguments, config_from_args
+from dmoe_cli.config_args import config_field as _opt
 from dmoe_cli.logs import setup_logging
-
-
-def _opt(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass

@@ -27,15 +27,21 @@ def run_train_command(args: argparse.Namespace) -> int:
     config = config_from_args(TrainConfig, args)
     summary = train(config, progress=getattr(args, "progress", True))
     if getattr(args, "json", False):
-        print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()},
-                         indent=2))
+        print(
+            json.dumps(
+                {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}, indent=2
+            )
+        )
     else:
+
         def fmt(value) -> str:
             return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
-        print(f"step {summary['step']} ({summary['steps']} this run, {summary['elapsed']:.1f} s, "
-              f"{summary['tokens_per_second']:.0f} tokens/s); loss {fmt(summary['initial_loss'])} -> "
-              f"{fmt(summary['final_loss'])}, val loss {fmt(summary['val_loss'])}")
+        print(
+            f"step {summary['step']} ({summary['steps']} this run, {summary['elapsed']:.1f} s, "
+            f"{summary['tokens_per_second']:.0f} tokens/s); loss {fmt(summary['initial_loss'])} -> "
+            f"{fmt(summary['final_loss'])}, val loss {fmt(summary['val_loss'])}"
+        )
         print(f"failed steps: {summary['failed_steps']}; expert stats: {summary['expert_stats']}")
         print(f"checkpoint: {summary['checkpoint']}")
         if summary["sample"]:

@@ -22,11 +22,12 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from dmoe_cli.config_args import add_config_arguments, config_from_args
+from dmoe_cli.config_args import config_field as _opt
 from dmoe_cli.logs import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -42,10 +43,6 @@ KILL_WAIT = 5.0
 PYTHON_SNIPPET = """\
     from router_client import RemoteMixtureOfExperts
     moe = RemoteMixtureOfExperts({hidden}, ({count},), "{prefix}", k_best=2, initial_peers={initial_peers!r})"""
-
-
-def _opt(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from router_client.config import _opt
 from router_client.corpus import load_corpus, sample_batch, split_train_val
 from router_client.model import CharTransformer, ModelConfig
 
@@ -37,10 +38,6 @@ logger = logging.getLogger(__name__)
 FFNFactory = Callable[[int], nn.Module]
 CHECKPOINT_FORMAT = "dmoe-client-1"
 SAMPLE_PROMPT = "def "
-
-
-def _opt(default, help: str, **extra):
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass
