@@ -50,9 +50,9 @@ def patch_peer(patches: set[str]) -> None:
                 inputs = batching._concat([task.tensors for task in batch])
                 try:
                     if sum(t.numel() for t in inputs) <= INLINE_ELEMENTS:
-                        outputs = self.compute_fn(inputs)
+                        outputs = self.compute_fn(inputs, 0)
                     else:
-                        outputs = await loop.run_in_executor(self.executor, self.compute_fn, inputs)
+                        outputs = await loop.run_in_executor(self.executor, self.compute_fn, inputs, 0)
                 except Exception as exc:
                     for task in batch:
                         if not task.future.done():

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from peer.experts import ExpertClass
+from peer.graphs import ForwardGraphStore, KeptForward
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +27,15 @@ class ArgSpec:
 class ExpertBackend:
     """An expert module with its optimizer, as a peer hosts it.
 
-    - `forward(inputs)` returns the outputs for a batch, without building a graph.
-    - `backward(inputs, grad_outputs)` recomputes the forward with grad, returns the gradients of the inputs
-      and steps this expert's own optimizer (asynchronous expert updates, as in Learning@home). The gradient
+    - `forward(inputs)` returns the outputs for a batch, without building a graph. With a `forward_id` and a
+      `graphs` store, it builds the graph and keeps it there for the Backward of the same id.
+    - `backward(inputs, grad_outputs, forward_id)` runs autograd through the kept graph when there is one for
+      `forward_id`, built from these very inputs and parameters; otherwise it recomputes the forward with grad.
+      It returns the gradients of the inputs and steps this expert's own optimizer (asynchronous expert
+      updates, as in Learning@home). The gradient
       is clipped to `clip_grad_norm`; one that is NaN/Inf or whose norm exceeds `reject_grad_norm` is not
       applied: the update is skipped and counted in `updates_skipped`.
-    Randomness (dropout) differs between the forward and the recomputed one; experts should not rely on it.
+    Randomness (dropout) differs between the forward and a recomputed one; experts should not rely on it.
     Not thread-safe: the peer calls every backend from its single compute thread.
     """
 
@@ -47,6 +51,7 @@ class ExpertBackend:
         reject_grad_norm: float = math.inf,
         device: str | torch.device = "cpu",
         seed: int | None = None,
+        graphs: ForwardGraphStore | None = None,
     ):
         self.uid, self.expert_cls, self.hidden_dim = uid, expert_class.name, hidden_dim
         self.device = torch.device(device)
@@ -68,21 +73,77 @@ class ExpertBackend:
         self.output_specs = tuple(ArgSpec(tuple(t.shape[1:]), t.dtype) for t in sample_outputs)
         self.num_parameters = sum(p.numel() for p in self.module.parameters())
         self.last_update_time = time.time()
+        self.graphs = graphs
+        self._params = tuple(self.module.parameters())
+        self._param_pointers = frozenset(p.data_ptr() for p in self._params)
 
-    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Outputs of the expert for one batch (tensors on the CPU)."""
+    def forward(self, inputs: list[torch.Tensor], forward_id: int = 0) -> list[torch.Tensor]:
+        """Outputs of the expert for one batch (tensors on the CPU); keeps the graph for a nonzero `forward_id`."""
+        if forward_id and self.graphs is not None and self.graphs.max_bytes > 0:
+            return self._forward_kept(inputs, forward_id)
         inputs = [t.to(self.device, non_blocking=True) for t in inputs]
         with torch.inference_mode():
             outputs = _as_tuple(self.module(*inputs))
         return [t.cpu() for t in outputs]
 
-    def backward(self, inputs: list[torch.Tensor], grad_outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _forward_kept(self, inputs: list[torch.Tensor], forward_id: int) -> list[torch.Tensor]:
+        leaves = [t.to(self.device).detach().requires_grad_(t.is_floating_point()) for t in inputs]
+        saved_bytes = 0
+
+        def count_saved(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal saved_bytes
+            if tensor.data_ptr() not in self._param_pointers:
+                saved_bytes += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(count_saved, lambda tensor: tensor):
+            outputs = _as_tuple(self.module(*leaves))
+        if any(t.requires_grad for t in outputs):
+            nbytes = saved_bytes + sum(t.numel() * t.element_size() for t in (*leaves, *outputs))
+            kept = KeptForward(leaves, outputs, self._param_versions(), nbytes)
+            self.graphs.put(self.uid, forward_id, kept)
+        return [t.detach().cpu() for t in outputs]
+
+    def _param_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self._params)
+
+    def _take_kept(self, forward_id: int, inputs: list[torch.Tensor]) -> KeptForward | None:
+        """The kept forward of `forward_id` if it was computed from `inputs` with the current parameters."""
+        if not forward_id or self.graphs is None:
+            return None
+        kept = self.graphs.pop(self.uid, forward_id)
+        usable = (
+            kept is not None
+            and kept.param_versions == self._param_versions()
+            and len(kept.inputs) == len(inputs)
+            and all(
+                a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.detach(), b.to(self.device))
+                for a, b in zip(kept.inputs, inputs, strict=True)
+            )
+        )
+        if usable:
+            self.graphs.hits += 1
+            return kept
+        self.graphs.misses += 1
+        return None
+
+    def backward(
+        self, inputs: list[torch.Tensor], grad_outputs: list[torch.Tensor], forward_id: int = 0
+    ) -> list[torch.Tensor]:
         """Gradients of the inputs for one batch; applies one optimizer step to the expert."""
-        inputs = [t.to(self.device).detach().requires_grad_(t.is_floating_point()) for t in inputs]
         grad_outputs = [t.to(self.device) for t in grad_outputs]
+        kept = self._take_kept(forward_id, inputs)
+        if kept is not None:
+            inputs = kept.inputs
+            outputs = kept.outputs
+        else:
+            inputs = [t.to(self.device).detach().requires_grad_(t.is_floating_point()) for t in inputs]
         with torch.enable_grad():
-            outputs = _as_tuple(self.module(*inputs))
-            torch.autograd.backward(outputs, grad_tensors=grad_outputs)
+            if kept is None:
+                outputs = _as_tuple(self.module(*inputs))
+            pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs, strict=True) if out.requires_grad]
+            if pairs:
+                torch.autograd.backward([out for out, _ in pairs], grad_tensors=[grad for _, grad in pairs])
         self._apply_gradients()
         return [
             (t.grad if t.grad is not None else torch.zeros_like(t)).cpu()

@@ -14,7 +14,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ComputeFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+ComputeFn = Callable[[list[torch.Tensor], int], list[torch.Tensor]]
+"""Computes one batch: `(inputs, tag)`, where `tag` is the request's tag when the batch holds one request, else 0."""
 
 
 class QueueFullError(Exception):
@@ -31,6 +32,7 @@ class _Task:
     num_tokens: int
     deadline: float | None
     future: asyncio.Future = field(repr=False)
+    tag: int = 0
 
 
 @dataclass
@@ -106,12 +108,14 @@ class BatchingQueue:
             if not task.future.done():
                 task.future.cancel()
 
-    async def submit(self, tensors: Sequence[torch.Tensor], deadline: float | None = None) -> list[torch.Tensor]:
-        """Queue one request and wait for its outputs."""
+    async def submit(
+        self, tensors: Sequence[torch.Tensor], deadline: float | None = None, *, tag: int = 0
+    ) -> list[torch.Tensor]:
+        """Queue one request and wait for its outputs; `tag` reaches `compute_fn` when the request is computed alone."""
         if len(self._pending) >= self.max_queue_size:
             raise QueueFullError(f"expert {self.name} has {len(self._pending)} requests waiting (the limit)")
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Task(list(tensors), int(tensors[0].shape[0]), deadline, future))
+        self._pending.append(_Task(list(tensors), int(tensors[0].shape[0]), deadline, future, tag))
         self._wakeup.set()
         return await future
 
@@ -146,8 +150,9 @@ class BatchingQueue:
             if not batch:
                 continue
             inputs = _concat([task.tensors for task in batch])
+            tag = batch[0].tag if len(batch) == 1 else 0
             try:
-                outputs = await loop.run_in_executor(self.executor, self.compute_fn, inputs)
+                outputs = await loop.run_in_executor(self.executor, self.compute_fn, inputs, tag)
             except asyncio.CancelledError:
                 for task in batch:
                     task.future.cancel()

@@ -23,6 +23,7 @@ from peer.batching import BatchingQueue
 from peer.checkpoints import load_checkpoint, save_checkpoint
 from peer.config import PeerConfig
 from peer.experts import get_expert_class, load_custom_module
+from peer.graphs import ForwardGraphStore
 from peer.security import ClientLimiter, SwarmKeyInterceptor, resolve_swarm_key, server_credentials
 from peer.servicer import SERVICE_NAME, ExpertServicer, HostedExpert
 from proto import expert_pb2
@@ -56,6 +57,7 @@ class Peer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="dmoe-compute")
+        self.graphs = ForwardGraphStore(max(0, config.forward_cache_mb) << 20)
         self._background: list[asyncio.Task] = []
         self._saved_update_count: dict[str, int | None] = {}
         self._stopped = asyncio.Event()
@@ -143,6 +145,7 @@ class Peer:
             reject_grad_norm=config.reject_grad_norm,
             device=config.device,
             seed=seed,
+            graphs=self.graphs,
         )
         self._saved_update_count[uid] = None
         if config.checkpoint_dir:
@@ -152,9 +155,9 @@ class Peer:
                 self._saved_update_count[uid] = backend.update_count
                 logger.info("resumed %s from its checkpoint (%d updates)", uid, backend.update_count)
 
-        def backward(tensors, backend=backend):
+        def backward(tensors, forward_id, backend=backend):
             num_inputs = len(backend.input_specs)
-            return backend.backward(tensors[:num_inputs], tensors[num_inputs:])
+            return backend.backward(tensors[:num_inputs], tensors[num_inputs:], forward_id)
 
         queue_args = dict(max_batch_size=config.max_batch_size, max_queue_size=config.max_queue_size)
         return HostedExpert(

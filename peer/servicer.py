@@ -112,7 +112,9 @@ class ExpertServicer:
     async def _unary(self, request: bytes, context, *, backward: bool) -> bytes:
         try:
             message = _parse(expert_pb2.ExpertRequest, request)
-            outputs = await self._run(message.uid, list(message.tensors), context, backward=backward)
+            outputs = await self._run(
+                message.uid, list(message.tensors), context, backward=backward, forward_id=message.forward_id
+            )
             tensors = [serialize_tensor(t, message.response_compression) for t in outputs]
             return expert_pb2.ExpertResponse(tensors=tensors).SerializeToString()
         except RequestError as exc:
@@ -120,11 +122,11 @@ class ExpertServicer:
 
     async def _stream(self, requests: AsyncIterator[bytes], context, *, backward: bool) -> AsyncIterator[bytes]:
         try:
-            uid, compression, chunks, received, limit = None, 0, [], 0, 0
+            uid, compression, forward_id, chunks, received, limit = None, 0, 0, [], 0, 0
             async for raw in requests:
                 message = _parse(expert_pb2.ExpertRequest, raw)
                 if uid is None:
-                    uid, compression = message.uid, message.response_compression
+                    uid, compression, forward_id = message.uid, message.response_compression, message.forward_id
                     limit = self._stream_limit(uid)
                 received += len(raw)
                 if received > limit:
@@ -139,7 +141,7 @@ class ExpertServicer:
                 tensors = list(iter_tensors_from_chunks(chunks))
             except TensorDecodeError as exc:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad tensor chunks: {exc}") from None
-            outputs = await self._run(uid, tensors, context, backward=backward)
+            outputs = await self._run(uid, tensors, context, backward=backward, forward_id=forward_id)
             chunk_bytes = max(1, self.max_message_bytes // 2)
             for output in outputs:
                 for part in split_tensor(serialize_tensor(output, compression), chunk_bytes):
@@ -155,7 +157,9 @@ class ExpertServicer:
         bytes_per_token = sum(math.prod(spec.shape) * spec.dtype.itemsize for spec in specs)
         return self.max_batch_size * bytes_per_token + (1 << 20)
 
-    async def _run(self, uid: str, messages: list, context, *, backward: bool) -> list[torch.Tensor]:
+    async def _run(
+        self, uid: str, messages: list, context, *, backward: bool, forward_id: int = 0
+    ) -> list[torch.Tensor]:
         if self.closing:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "peer is shutting down; use another replica")
         client = self.limiter.client_of(context)
@@ -163,11 +167,13 @@ class ExpertServicer:
         if refusal is not None:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
         try:
-            return await self._run_admitted(uid, messages, context, backward=backward)
+            return await self._run_admitted(uid, messages, context, backward=backward, forward_id=forward_id)
         finally:
             self.limiter.release(client)
 
-    async def _run_admitted(self, uid: str, messages: list, context, *, backward: bool) -> list[torch.Tensor]:
+    async def _run_admitted(
+        self, uid: str, messages: list, context, *, backward: bool, forward_id: int
+    ) -> list[torch.Tensor]:
         expert = self.experts.get(uid)
         if expert is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"this peer does not host expert {uid!r}")
@@ -183,7 +189,7 @@ class ExpertServicer:
         deadline = time.monotonic() + (DEFAULT_DEADLINE if remaining is None else remaining)
         queue = expert.backward_queue if backward else expert.forward_queue
         try:
-            return await queue.submit(tensors, deadline)
+            return await queue.submit(tensors, deadline, tag=forward_id)
         except QueueFullError as exc:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
         except DeadlineExpiredError as exc:

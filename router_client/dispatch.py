@@ -83,8 +83,12 @@ class Dispatcher:
         grace: float,
         expected_shapes: Callable[[ExpertJob], list[tuple[int, ...]]],
         preferred: dict[str, str] | None = None,
+        forward_id: int = 0,
     ) -> list[JobResult]:
-        """Run `jobs`; `required[t]` answers are wanted for token t before the grace period starts."""
+        """Run `jobs`; `required[t]` answers are wanted for token t before the grace period starts.
+
+        `forward_id` goes with every request (see `ExpertTransport.call`).
+        """
         preferred = preferred or {}
         results = [JobResult(error="not finished before the deadline") for _ in jobs]
         answered = torch.zeros_like(required)
@@ -98,6 +102,7 @@ class Dispatcher:
                     deadline=deadline,
                     expected=expected_shapes(job),
                     preferred=preferred.get(job.uid),
+                    forward_id=forward_id,
                 )
             ): index
             for index, job in enumerate(jobs)
@@ -133,6 +138,7 @@ class Dispatcher:
         deadline: float,
         expected: list[tuple[int, ...]],
         preferred: str | None,
+        forward_id: int = 0,
     ) -> JobResult:
         if not replicas:
             return JobResult(error="no live replica in the DHT")
@@ -147,7 +153,9 @@ class Dispatcher:
             replica = ordered[next_replica]
             next_replica += 1
             timeout = deadline - time.monotonic()
-            coro = self.transport.call(replica.endpoint, job.uid, inputs, backward=backward, timeout=timeout)
+            coro = self.transport.call(
+                replica.endpoint, job.uid, inputs, backward=backward, timeout=timeout, forward_id=forward_id
+            )
             attempts[asyncio.ensure_future(coro)] = (replica, time.monotonic())
 
         launch()

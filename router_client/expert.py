@@ -11,7 +11,7 @@ from dht import ExpertReplica
 from router_client import background
 from router_client.config import RouterConfig
 from router_client.dispatch import Dispatcher, ExpertJob
-from router_client.moe import RemoteExpertError
+from router_client.moe import _DUMMY, RemoteExpertError, new_forward_id
 from router_client.swarm_client import get_context
 
 
@@ -38,11 +38,14 @@ class RemoteExpert(nn.Module):
 
     def forward(self, *inputs: torch.Tensor):
         """Outputs of the remote expert for `inputs` (the first dimension is the batch)."""
-        outputs = _RemoteExpertCall.apply(self, *inputs)
+        outputs = _RemoteExpertCall.apply(_DUMMY, self, new_forward_id(torch.is_grad_enabled()), *inputs)
         return outputs[0] if len(outputs) == 1 else outputs
 
-    def call(self, tensors: list[torch.Tensor], *, backward: bool) -> list[torch.Tensor]:
-        """One raw Forward or Backward call with this expert's deadline; raises `RemoteExpertError`."""
+    def call(self, tensors: list[torch.Tensor], *, backward: bool, forward_id: int = 0) -> list[torch.Tensor]:
+        """One raw Forward or Backward call with this expert's deadline; raises `RemoteExpertError`.
+
+        A nonzero `forward_id` pairs a training Forward with its Backward (the peer may keep the graph).
+        """
         timeout = self.config.backward_timeout if backward else self.config.forward_timeout
         batch = tensors[0].shape[0]
         job = ExpertJob(self.uid, torch.arange(batch), torch.zeros(batch, dtype=torch.int64))
@@ -56,6 +59,7 @@ class RemoteExpert(nn.Module):
             grace=0.0,
             expected_shapes=lambda _job: [],
             preferred=None,
+            forward_id=forward_id,
         )
         try:
             (result,) = background.run(coro, timeout=timeout + 2.0)
@@ -68,14 +72,16 @@ class RemoteExpert(nn.Module):
 
 class _RemoteExpertCall(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, expert: RemoteExpert, *inputs: torch.Tensor):
+    def forward(ctx, _dummy: torch.Tensor, expert: RemoteExpert, forward_id: int, *inputs: torch.Tensor):
         inputs = tuple(t.detach() for t in inputs)
-        ctx.expert = expert
+        ctx.expert, ctx.forward_id = expert, forward_id
         ctx.save_for_backward(*inputs)
-        return tuple(expert.call(list(inputs), backward=False))
+        return tuple(expert.call(list(inputs), backward=False, forward_id=ctx.forward_id))
 
     @staticmethod
     def backward(ctx, *grad_outputs: torch.Tensor):
         inputs = ctx.saved_tensors
-        grads = ctx.expert.call([*inputs, *(g.contiguous() for g in grad_outputs)], backward=True)
-        return (None, *grads)
+        grads = ctx.expert.call(
+            [*inputs, *(g.contiguous() for g in grad_outputs)], backward=True, forward_id=ctx.forward_id
+        )
+        return (None, None, None, *grads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import secrets
 import time
 
 import torch
@@ -18,6 +19,15 @@ from router_client.swarm_client import get_context, get_directory
 from router_client.verification import Verifier
 
 logger = logging.getLogger(__name__)
+
+# An input of the autograd bridges that always requires grad: the experts get their Backward (and train) even
+# when the layer's own input does not require grad (hivemind's `_dummy`, for the same reason).
+_DUMMY = torch.empty(0, requires_grad=True)
+
+
+def new_forward_id(training: bool) -> int:
+    """A random nonzero id for a Forward whose Backward will follow (`training`), else 0."""
+    return secrets.randbits(63) + 1 if training else 0
 
 
 class RemoteExpertError(RuntimeError):
@@ -120,7 +130,8 @@ class RemoteMixtureOfExperts(nn.Module):
         k = min(self.k_best, len(catalog.uids))
         top_scores, top_index = scores.topk(k, dim=-1)
         jobs = _make_jobs(top_index, catalog.uids)
-        outputs, answered = _RemoteMoECall.apply(flat, self, jobs, catalog.replicas, deadline, k)
+        forward_id = new_forward_id(torch.is_grad_enabled())
+        outputs, answered = _RemoteMoECall.apply(_DUMMY, flat, self, jobs, catalog.replicas, deadline, k, forward_id)
 
         num_answered = answered.sum(dim=1)
         required = min(self.config.k_min, k)
@@ -182,18 +193,20 @@ class _RemoteMoECall(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx,
+        _dummy: torch.Tensor,
         flat: torch.Tensor,
         layer: RemoteMixtureOfExperts,
         jobs: list[ExpertJob],
         replicas: dict,
         deadline: float,
         k: int,
+        forward_id: int,
     ):
         config = layer.config
         inputs = flat.detach()
         num_tokens = inputs.shape[0]
         required = torch.full((num_tokens,), min(config.k_min, k), dtype=torch.int64)
-
+        ctx.forward_id = forward_id
         results = _run_jobs(
             layer,
             jobs,
@@ -205,6 +218,7 @@ class _RemoteMoECall(torch.autograd.Function):
             grace=config.timeout_after_k_min,
             timeout=config.forward_timeout,
             expected=lambda job: [(len(job.token_index), layer.in_features)],
+            forward_id=ctx.forward_id,
         )
         outputs = inputs.new_zeros(num_tokens, k, layer.in_features)
         answered = torch.zeros(num_tokens, k, dtype=torch.bool)
@@ -232,7 +246,7 @@ class _RemoteMoECall(torch.autograd.Function):
         served = [(job, result) for job, result in zip(ctx.jobs, ctx.results, strict=True) if result.ok]
         grad_inputs = torch.zeros_like(inputs)
         if not served:
-            return grad_inputs, None, None, None, None, None
+            return None, grad_inputs, None, None, None, None, None, None
         jobs = [job for job, _ in served]
         preferred = {job.uid: result.replica.endpoint for job, result in served}
         served_per_token = torch.zeros(inputs.shape[0], dtype=torch.int64)
@@ -252,6 +266,7 @@ class _RemoteMoECall(torch.autograd.Function):
             timeout=config.backward_timeout,
             expected=lambda job: [(len(job.token_index), layer.in_features)],
             preferred=preferred,
+            forward_id=ctx.forward_id,
         )
         layer.stats["backward_requests"] += len(jobs)
         for job, result in zip(jobs, results, strict=True):
@@ -260,11 +275,23 @@ class _RemoteMoECall(torch.autograd.Function):
             else:
                 layer.stats["backward_failures"] += 1
                 logger.debug("backward of %s failed: %s", job.uid, result.error)
-        return grad_inputs, None, None, None, None, None
+        return None, grad_inputs, None, None, None, None, None, None
 
 
 def _run_jobs(
-    layer, jobs, make_inputs, replicas, *, backward, deadline, required, grace, timeout, expected, preferred=None
+    layer,
+    jobs,
+    make_inputs,
+    replicas,
+    *,
+    backward,
+    deadline,
+    required,
+    grace,
+    timeout,
+    expected,
+    preferred=None,
+    forward_id: int = 0,
 ) -> list[JobResult]:
     coro = layer.dispatcher.run(
         jobs,
@@ -276,6 +303,7 @@ def _run_jobs(
         grace=grace,
         expected_shapes=expected,
         preferred=preferred,
+        forward_id=forward_id,
     )
     try:
         return background.run(coro, timeout=timeout + 2.0)

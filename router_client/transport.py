@@ -101,9 +101,20 @@ class ExpertTransport:
         return method
 
     async def call(
-        self, endpoint: str, uid: str, tensors: list[torch.Tensor], *, backward: bool, timeout: float
+        self,
+        endpoint: str,
+        uid: str,
+        tensors: list[torch.Tensor],
+        *,
+        backward: bool,
+        timeout: float,
+        forward_id: int = 0,
     ) -> list[torch.Tensor]:
-        """Forward (or Backward) of expert `uid` at `endpoint`; raises `ExpertCallError` on any failure."""
+        """Forward (or Backward) of expert `uid` at `endpoint`; raises `ExpertCallError` on any failure.
+
+        `forward_id` (nonzero) marks a training Forward and its Backward, so that the peer can keep the
+        Forward's graph for the Backward instead of recomputing it.
+        """
         if timeout <= 0:
             raise ExpertCallError(endpoint, uid, "no time left before the deadline", grpc.StatusCode.DEADLINE_EXCEEDED)
         messages = [serialize_tensor(t, self.compression) for t in tensors]
@@ -112,21 +123,23 @@ class ExpertTransport:
             if size < self.max_message_bytes * 0.9:
                 response = await self._unary(endpoint, backward)(
                     expert_pb2.ExpertRequest(
-                        uid=uid, tensors=messages, response_compression=self.compression
+                        uid=uid, tensors=messages, response_compression=self.compression, forward_id=forward_id
                     ).SerializeToString(),
                     timeout=timeout,
                     metadata=self.metadata,
                 )
                 parts = response.tensors
             else:
-                parts = await self._call_stream(endpoint, uid, messages, backward=backward, timeout=timeout)
+                parts = await self._call_stream(
+                    endpoint, uid, messages, backward=backward, timeout=timeout, forward_id=forward_id
+                )
             return [deserialize_tensor(part) for part in iter_tensors_from_chunks(parts)]
         except grpc.aio.AioRpcError as exc:
             raise ExpertCallError(endpoint, uid, f"{exc.code().name}: {exc.details()}", exc.code()) from None
         except TensorDecodeError as exc:
             raise ExpertCallError(endpoint, uid, f"malformed answer: {exc}") from None
 
-    async def _call_stream(self, endpoint, uid, messages, *, backward: bool, timeout: float) -> list:
+    async def _call_stream(self, endpoint, uid, messages, *, backward: bool, timeout: float, forward_id: int) -> list:
         chunk_bytes = max(1, self.max_message_bytes // 2)
 
         def requests():
@@ -135,7 +148,7 @@ class ExpertTransport:
                 for part in split_tensor(message, chunk_bytes):
                     if first:
                         yield expert_pb2.ExpertRequest(
-                            uid=uid, tensors=[part], response_compression=self.compression
+                            uid=uid, tensors=[part], response_compression=self.compression, forward_id=forward_id
                         ).SerializeToString()
                         first = False
                     else:

@@ -259,3 +259,19 @@ def test_hedging_sends_a_second_copy_when_the_first_replica_is_slow(dht_node, cu
         assert time.monotonic() - started < 1.0, "the hedged copy should answer long before the slow one"
         (unhedged,) = background.run(dispatch(hedge=False), timeout=5)
         assert not unhedged.ok, "without hedging the slow replica holds the call until the deadline"
+
+
+def test_training_reuses_the_peers_forward_graphs_and_trains_without_input_grad(dht_node):
+    with swarm(dht_node, {"experts": "ffn.[0:4]", "optimizer": "sgd", "lr": 0.1}) as (peer,):
+        moe = make_moe(dht_node)
+        x = torch.randn(8, HIDDEN)  # a first layer: its input needs no grad, the experts still train
+        moe(x).pow(2).sum().backward()
+        served = moe.stats["backward_requests"]
+        assert served >= 2 and moe.stats["backward_failures"] == 0
+        assert sum(b.update_count for b in peer.backends.values()) == served
+        assert (peer.graphs.hits, peer.graphs.misses, len(peer.graphs)) == (served, 0, 0)
+        with torch.no_grad():
+            moe(x)
+        assert len(peer.graphs) == 0, "inference keeps nothing on the peer"
+        RemoteExpert("ffn.0", peer.endpoint)(x).sum().backward()
+        assert peer.graphs.hits == served + 1

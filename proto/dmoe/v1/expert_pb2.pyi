@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExpertRequest(_message.Message):
-    __slots__ = ("uid", "tensors", "response_compression")
+    __slots__ = ("uid", "tensors", "response_compression", "forward_id")
     UID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_ID_FIELD_NUMBER: _ClassVar[int]
     uid: str
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     response_compression: _tensor_pb2.Compression
-    def __init__(self, uid: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., response_compression: _Optional[_Union[_tensor_pb2.Compression, str]] = ...) -> None: ...
+    forward_id: int
+    def __init__(self, uid: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., response_compression: _Optional[_Union[_tensor_pb2.Compression, str]] = ..., forward_id: _Optional[int] = ...) -> None: ...
 
 class ExpertResponse(_message.Message):
     __slots__ = ("tensors",)

@@ -80,7 +80,8 @@ class ExpertServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Backward(self, request, context):
-        """Input gradients for a batch; the peer recomputes the forward and steps the expert's optimizer.
+        """Input gradients for a batch; the peer reuses the kept forward graph (forward_id) or recomputes the
+        forward, then steps the expert's optimizer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
