@@ -4,8 +4,9 @@ Contenders, all in this process run and interleaved round by round:
 
 * ``in-process``: the limit, a top-2 MoE over the same experts in this process (`bench.local_moe`):
   forward that keeps its activations, backward, per-expert clipping and Adam step;
-* ``in-process, same work``: the same in-process experts doing exactly what a remote expert does (a forward
-  without graph, then on backward a recomputed forward, its backward and the Adam step);
+* ``in-process, recompute``: the same in-process experts doing what a peer did before it kept forward graphs
+  (and still does when a Backward's graph is gone): a forward without graph, then on backward a recomputed
+  forward, its backward and the Adam step; the limit is the better of the two in-process figures;
 * ``dmoe, 1 peer`` and ``dmoe, 4 peers``: `router_client.RemoteMixtureOfExperts` over peer processes;
 * ``hivemind``: `hivemind.moe.RemoteMixtureOfExperts` over a `hivemind.moe.Server` process.
 
@@ -72,13 +73,13 @@ def run(ctx) -> dict:
 
 def finalize(results: dict) -> dict:
     """Ratios and targets from the tokens/s figures. `vs_limit` compares each side with the in-process figures it
-    was interleaved with: phase 1 sides with the better of the autograd and the same-work in-process steps (on
-    this memory-bound machine the same-work step, which runs each expert's forward and backward back to back
+    was interleaved with: phase 1 sides with the better of the autograd and the recompute in-process steps (on
+    this memory-bound machine the recompute step, which runs each expert's forward and backward back to back
     while its weights are in cache, can be the faster), the phase 2 side with phase 2's in-process step.
     `vs_hivemind` compares with hivemind's figure of the same row."""
     for device_result in results["devices"].values():
         for row in device_result["rows"]:
-            candidates = [row["sides"].get(n, {}).get("tokens_per_s") for n in ("in-process", "in-process, same work")]
+            candidates = [row["sides"].get(n, {}).get("tokens_per_s") for n in ("in-process", "in-process, recompute")]
             candidates = [c for c in candidates if c is not None and not math.isnan(c)]
             row["limit_tokens_per_s"] = max(candidates) if candidates else math.nan
             phase_2 = row.get("in_process_phase_2", {}).get("tokens_per_s", math.nan)
@@ -93,7 +94,7 @@ def finalize(results: dict) -> dict:
 
 def _run_device(ctx, config: dict, device: str) -> dict:
     """Two phases, so that at most three copies of the 16 experts (with Adam state) are in memory at once:
-    (1) in-process, in-process same work, dmoe on 1 peer and hivemind; (2) in-process and dmoe on N peers.
+    (1) in-process, in-process recompute, dmoe on 1 peer and hivemind; (2) in-process and dmoe on N peers.
     Each phase measures the in-process limit again, interleaved with its own contenders."""
     hidden, num_experts, threads = config["hidden"], config["experts"], ctx.threads
     multi = config["multi_peers"]
@@ -221,7 +222,7 @@ def _measure(
         if same_work:
             sides.append(
                 Side(
-                    "in-process, same work",
+                    "in-process, recompute",
                     lambda: local.train_step(x.clone().requires_grad_(), grad, "recompute"),
                     reps=reps,
                     budget=budget,
@@ -314,7 +315,7 @@ def _targets(device_result: dict) -> list[dict]:
 
 SIDE_ORDER = (
     "in-process",
-    "in-process, same work",
+    "in-process, recompute",
     "dmoe, 1 peer",
     "hivemind",
     "in-process (phase 2)",

@@ -8,8 +8,8 @@ per expert that received tokens gradient clipping at 1.0 and one Adam step.
 Two flavours of training step:
 
 * ``"autograd"`` (the limit): one forward that keeps its activations, one backward;
-* ``"recompute"`` (the same work as a remote expert): a forward without a graph, then per expert a second
-  forward with a graph and its backward, as `peer.ExpertBackend.backward` does when Backward arrives.
+* ``"recompute"`` (what a peer does when it has not kept the forward's graph): a forward without a graph, then
+  per expert a second forward with a graph and its backward, as `peer.ExpertBackend.backward` does then.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class LocalMoE(nn.Module):
             combined = combined.index_add(0, token, outputs[expert] * weights[token, slot, None])
         combined.backward(grad_output, inputs=[self.gate.weight, self.gate.bias])
         grad_x = torch.zeros_like(x)
-        for expert, token, slot in jobs:  # what Backward does on a peer: recompute, backward, step
+        for expert, token, slot in jobs:  # a peer's Backward without a kept graph: recompute, backward, step
             grad_out = grad_output[token] * weights[token, slot, None].detach()
             (grad_in,) = self.backends[expert].backward([x[token].detach()], [grad_out])
             grad_x.index_add_(0, token, grad_in.to(grad_x.device))

@@ -244,7 +244,7 @@ PATH_COLORS = {
     "wire, 8bit": "C4",
     "raw-bytes (prototype)": "C5",
 }
-SIDE_COLORS = {"in-process": "C0", "in-process, same work": "C1", "dmoe, 1 peer": "C2", "hivemind": "C3"}
+SIDE_COLORS = {"in-process": "C0", "in-process, recompute": "C1", "dmoe, 1 peer": "C2", "hivemind": "C3"}
 
 
 def _color(side: str) -> str:

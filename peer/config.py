@@ -39,7 +39,7 @@ class PeerConfig:
     lr: float = _opt(1e-3, "learning rate of the experts' optimizers")
     clip_grad_norm: float | None = _opt(1.0, "clip each expert's gradient to this norm (none to disable)")
     forward_cache_mb: int = _opt(
-        256,
+        1024,
         "memory for training forwards kept until their Backward, in MiB, so it does not recompute them; 0 = off",
     )
     max_message_mb: int = _opt(64, "largest gRPC message accepted or sent, in MiB; larger tensors are chunked")

@@ -54,7 +54,7 @@ def test_quick_bench_writes_every_json_with_its_fields(tmp_path):
             assert {"name", "value", "target", "met"} <= set(target)
     layer = json.loads((out / "layer.json").read_text())
     sides = layer["devices"]["cpu"]["rows"][0]["sides"]
-    assert {"in-process", "in-process, same work", "dmoe, 1 peer", "hivemind"} <= set(sides)
+    assert {"in-process", "in-process, recompute", "dmoe, 1 peer", "hivemind"} <= set(sides)
     assert all("tokens_per_s" in stats and "median" in stats for stats in sides.values())
     latency = json.loads((out / "latency.json").read_text())
     assert {(row["hidden"], row["tokens"]) for row in latency["rows"]} == {(1024, 1), (1024, 16), (64, 1), (64, 16)}
