@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import socket
+import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,20 @@ from peer.servicer import SERVICE_NAME, ExpertServicer, HostedExpert
 from proto import expert_pb2
 
 logger = logging.getLogger(__name__)
+
+GIL_SWITCH_INTERVAL = 0.0005
+"""Seconds a thread that wants the GIL waits before it asks the holder to hand it over (CPython: 5 ms)."""
+
+
+def shorten_gil_switch_interval() -> None:
+    """Lower CPython's GIL switch interval to `GIL_SWITCH_INTERVAL` unless it is already lower.
+
+    The compute thread releases the GIL inside each torch op and must win it back between ops, while the
+    event loop and gRPC threads hold it in short bursts; at the default 5 ms it often waited that long (measured:
+    the second of two 16-token forwards at hidden 1024 took 9.2 ms on the peer instead of 4.9 ms).
+    """
+    if sys.getswitchinterval() > GIL_SWITCH_INTERVAL:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
 
 class Peer:
@@ -78,6 +93,7 @@ class Peer:
         config = self.config
         if config.compute_threads:
             torch.set_num_threads(config.compute_threads)
+        shorten_gil_switch_interval()
         experts = {uid: self._build_expert(uid) for uid in self.uids}
         if self.announce:  # the DHT child process is forked before gRPC starts its threads
             await self._start_dht()
