@@ -25,6 +25,28 @@ class ExpertResponse(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     def __init__(self, tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
 
+class ExpertRequestBatch(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[ExpertRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[ExpertRequest, _Mapping]]] = ...) -> None: ...
+
+class ExpertResult(_message.Message):
+    __slots__ = ("response", "code", "message")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    response: ExpertResponse
+    code: int
+    message: str
+    def __init__(self, response: _Optional[_Union[ExpertResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ExpertResponseBatch(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ExpertResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ExpertResult, _Mapping]]] = ...) -> None: ...
+
 class InfoRequest(_message.Message):
     __slots__ = ("uid",)
     UID_FIELD_NUMBER: _ClassVar[int]

@@ -58,6 +58,16 @@ class ExpertServiceStub:
                 request_serializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertRequest.SerializeToString,
                 response_deserializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertResponse.FromString,
                 _registered_method=True)
+        self.ForwardMany = channel.unary_unary(
+                '/dmoe.v1.ExpertService/ForwardMany',
+                request_serializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertRequestBatch.SerializeToString,
+                response_deserializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertResponseBatch.FromString,
+                _registered_method=True)
+        self.BackwardMany = channel.unary_unary(
+                '/dmoe.v1.ExpertService/BackwardMany',
+                request_serializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertRequestBatch.SerializeToString,
+                response_deserializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertResponseBatch.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/dmoe.v1.ExpertService/Info',
                 request_serializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.InfoRequest.SerializeToString,
@@ -101,6 +111,21 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardMany(self, request, context):
+        """Several small requests for experts of this peer in one call: a router sends its few-token requests to one
+        peer as one call, where a round trip costs more than the compute. Each part succeeds or fails on its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackwardMany(self, request, context):
+        """Backward for several small requests in one call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Schema, size, update count and load of one expert, or of every hosted expert.
         """
@@ -130,6 +155,16 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.BackwardStream,
                     request_deserializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertRequest.FromString,
                     response_serializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertResponse.SerializeToString,
+            ),
+            'ForwardMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardMany,
+                    request_deserializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertRequestBatch.FromString,
+                    response_serializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertResponseBatch.SerializeToString,
+            ),
+            'BackwardMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.BackwardMany,
+                    request_deserializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertRequestBatch.FromString,
+                    response_serializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertResponseBatch.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -249,6 +284,60 @@ class ExpertService:
             '/dmoe.v1.ExpertService/BackwardStream',
             proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertRequest.SerializeToString,
             proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmoe.v1.ExpertService/ForwardMany',
+            proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertRequestBatch.SerializeToString,
+            proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertResponseBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackwardMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmoe.v1.ExpertService/BackwardMany',
+            proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertRequestBatch.SerializeToString,
+            proto_dot_dmoe_dot_v1_dot_expert__pb2.ExpertResponseBatch.FromString,
             options,
             channel_credentials,
             insecure,
