@@ -4,11 +4,9 @@ The changes are applied as patches to this checkout's code, so that their gain c
 writes them properly; they reach into private functions and may stop applying when those change.
 
 * ``inline`` (peer): a batch of at most `INLINE_ELEMENTS` input elements is computed on the event loop itself
-  instead of hopping to the compute thread and back (`peer.batching.BatchingQueue._run`);
-* ``rawcodec`` (peer and client): requests and responses of at least `RAW_MIN_BYTES` are written and read with
-  `bench.fastcodec` (the same protobuf wire format, payload copied once on encode, zero times on decode)
-  instead of protobuf objects (`peer.servicer.ExpertServicer._unary`, `router_client.transport.ExpertTransport.call`);
-  smaller ones keep protobuf, whose C parser is faster than a Python walk of the wire format there.
+  instead of hopping to the compute thread and back (`peer.batching.BatchingQueue._run`).
+
+(The ``rawcodec`` patch that was measured here is now `proto.wire`, used by every peer and client.)
 
     python -m bench.experiments --hidden 64 --tokens 16 --mode latency
     python -m bench.experiments --hidden 1024 --tokens 512 4096 --mode infer train
@@ -22,19 +20,13 @@ import argparse
 import asyncio
 import os
 import sys
-import types
 
 INLINE_ELEMENTS = 1 << 16
-RAW_MIN_BYTES = 1 << 16  # below this, protobuf's C parser beats the pure-Python wire walk: keep protobuf
-PATCHES = ("inline", "rawcodec")
+PATCHES = ("inline",)
 
 
 def patch_peer(patches: set[str]) -> None:
     """Apply the peer-side patches in this (peer) process."""
-    import torch
-
-    from bench import fastcodec
-
     if "inline" in patches:
         from peer import batching
 
@@ -67,78 +59,6 @@ def patch_peer(patches: set[str]) -> None:
 
         batching.BatchingQueue._run = _run
 
-    if "rawcodec" in patches:
-        import grpc
-
-        from peer import servicer as servicer_module
-        from proto import expert_pb2, serialize_tensor
-
-        original_unary = servicer_module.ExpertServicer._unary
-        original_decode = servicer_module.ExpertServicer._decode
-
-        async def _unary(self, request, context, *, backward):
-            if len(request) < RAW_MIN_BYTES:
-                return await original_unary(self, request, context, backward=backward)
-            try:
-                uid, tensors, compression = fastcodec.decode(request, request=True)
-            except Exception:  # compressed, chunked or malformed: the protobuf path says what is wrong
-                return await original_unary(self, request, context, backward=backward)
-            try:
-                outputs = await self._run(uid, tensors, context, backward=backward)
-                if compression:
-                    response = [serialize_tensor(t, compression) for t in outputs]
-                    return expert_pb2.ExpertResponse(tensors=response).SerializeToString()
-                return fastcodec.encode(outputs)
-            except servicer_module.RequestError as exc:
-                await context.abort(exc.code, str(exc))
-
-        def _decode(self, uid, messages, specs):
-            if not messages or not isinstance(messages[0], torch.Tensor):
-                return original_decode(self, uid, messages, specs)
-            error = servicer_module.RequestError
-            if len(messages) != len(specs):
-                raise error(grpc.StatusCode.INVALID_ARGUMENT, f"expert {uid} expects {len(specs)} tensors")
-            batch = messages[0].shape[0] if messages[0].dim() else 0
-            for tensor, spec in zip(messages, specs, strict=True):
-                if tensor.dim() != len(spec.shape) + 1 or tuple(tensor.shape[1:]) != spec.shape:
-                    raise error(grpc.StatusCode.INVALID_ARGUMENT, f"bad shape {list(tensor.shape)} for {uid}")
-                if tensor.dtype != spec.dtype or tensor.shape[0] != batch:
-                    raise error(grpc.StatusCode.INVALID_ARGUMENT, f"bad dtype or batch for {uid}")
-            if not 0 < batch <= self.max_batch_size:
-                raise error(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{batch} tokens for {uid}")
-            return list(messages)
-
-        servicer_module.ExpertServicer._unary = _unary
-        servicer_module.ExpertServicer._decode = _decode
-
-
-def patch_transport(transport) -> None:
-    """Make this one `ExpertTransport` instance send and read raw-bytes messages (lossless, unary calls)."""
-    import grpc
-
-    from bench import fastcodec
-    from router_client import transport as transport_module
-
-    original = transport.call
-
-    async def call(self, endpoint, uid, tensors, *, backward, timeout):
-        size = sum(t.numel() * t.element_size() for t in tensors)
-        if self.compression or not RAW_MIN_BYTES <= size < self.max_message_bytes * 0.9 or timeout <= 0:
-            return await original(endpoint, uid, tensors, backward=backward, timeout=timeout)
-        method = "/dmoe.v1.ExpertService/" + ("Backward" if backward else "Forward")
-        try:
-            response = await self.channel(endpoint).unary_unary(method)(
-                fastcodec.encode(tensors, uid=uid), timeout=timeout, metadata=self.metadata
-            )
-            return fastcodec.decode(response, request=False)[1]
-        except grpc.aio.AioRpcError as exc:
-            reason = f"{exc.code().name}: {exc.details()}"
-            raise transport_module.ExpertCallError(endpoint, uid, reason, exc.code()) from None
-        except Exception as exc:
-            raise transport_module.ExpertCallError(endpoint, uid, f"malformed answer: {exc}") from None
-
-    transport.call = types.MethodType(call, transport)
-
 
 def peer_main() -> int:
     """`python -m bench.experiments peer ...`: `dmoe peer` with the patches named in DMOE_PATCH."""
@@ -155,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[16])
     parser.add_argument("--mode", nargs="+", default=["latency"], choices=("latency", "infer", "train"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--patches", default="inline,rawcodec")
+    parser.add_argument("--patches", default="inline")
     parser.add_argument("--reps", type=int, default=200)
     args = parser.parse_args(argv)
 
@@ -191,8 +111,6 @@ def main(argv: list[str] | None = None) -> int:
                 timeout_after_k_min=120.0,
                 ban_max=60.000001,
             )  # its own transport
-            if "rawcodec" in patches:
-                patch_transport(new_layer.dispatcher.transport)
             for layer in (base_layer, new_layer):
                 layer.train(mode == "train")
             for tokens in args.tokens:

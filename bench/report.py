@@ -239,10 +239,11 @@ def make_plots(results_dir: str | os.PathLike) -> list[Path]:
 PATH_COLORS = {
     "copy": "C0",
     "message": "C1",
-    "wire": "C2",
+    "protobuf wire": "C2",
     "wire, float16": "C3",
     "wire, 8bit": "C4",
-    "raw-bytes (prototype)": "C5",
+    "wire request": "C5",
+    "wire response": "C6",
 }
 SIDE_COLORS = {"in-process": "C0", "in-process, recompute": "C1", "dmoe, 1 peer": "C2", "hivemind": "C3"}
 

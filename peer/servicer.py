@@ -16,13 +16,13 @@ from peer.batching import BatchingQueue, DeadlineExpiredError, QueueFullError
 from peer.security import ClientLimiter
 from proto import (
     TensorDecodeError,
-    deserialize_tensor,
     expert_pb2,
     iter_tensors_from_chunks,
     serialize_tensor,
     split_tensor,
 )
 from proto.codec import SUPPORTED_DTYPES
+from proto.wire import decode_request, decode_tensor, encode_response
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +111,16 @@ class ExpertServicer:
 
     async def _unary(self, request: bytes, context, *, backward: bool) -> bytes:
         try:
-            message = _parse(expert_pb2.ExpertRequest, request)
+            try:  # large lossless tensors come out as views of `request`, which gRPC hands over to us
+                message = decode_request(request)
+            except TensorDecodeError as exc:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid dmoe.v1.ExpertRequest: {exc}"
+                ) from None
             outputs = await self._run(
-                message.uid, list(message.tensors), context, backward=backward, forward_id=message.forward_id
+                message.uid, message.parts, context, backward=backward, forward_id=message.forward_id
             )
-            tensors = [serialize_tensor(t, message.response_compression) for t in outputs]
-            return expert_pb2.ExpertResponse(tensors=tensors).SerializeToString()
+            return encode_response(outputs, compression=message.response_compression)
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
 
@@ -230,8 +234,8 @@ class ExpertServicer:
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"request has {batch_size} tokens; this peer takes at most {self.max_batch_size} per request",
                 )
-            try:
-                tensor = deserialize_tensor(message, max_elements=batch_size * math.prod(spec.shape))
+            try:  # a protobuf `Tensor` or a `proto.wire.RawTensor`, checked alike
+                tensor = decode_tensor(message, max_elements=batch_size * math.prod(spec.shape))
             except TensorDecodeError as exc:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"tensor {index} for {uid}: {exc}") from None
             tensors.append(tensor)

@@ -19,6 +19,12 @@ on every read (each ``message.buffer`` returns a fresh ``bytes`` object):
 - Read ``message.buffer`` as few times as possible: under upb each read is a full copy. For the
   same reason `encoded_size` costs one copy of the buffer (but no serialization).
 
+With ``SerializeToString`` and ``FromString`` around them, a message costs five copies of the payload.
+Unary Forward/Backward calls therefore go through `proto.wire`, which writes and reads the same wire
+format without protobuf objects for large lossless tensors: one copy to encode, none to decode (the
+decoded tensor is then a writable view of the received ``bytes`` object, which the caller hands over).
+This module remains the codec of small, lossy and chunked tensors.
+
 ``torch.frombuffer`` warns once per process about non-writable buffers; `proto.compression`
 triggers and swallows that one warning at import, so decoding is warning-free and thread-safe (no
 per-call ``warnings.catch_warnings``, which races between threads). The warning therefore stays
@@ -156,14 +162,7 @@ def serialize_tensor(
     Raises ``ValueError`` for an unsupported dtype, layout or compression, a ``block_size`` outside
     ``[1, 2**32 - 1]``, or NaN/Inf under lossy compression; ``TypeError`` if ``tensor`` is not a tensor.
     """
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"unsupported dtype {tensor.dtype}; supported: {_dtype_names()}")
-    if tensor.layout != torch.strided:
-        raise ValueError(f"only dense (strided) tensors can be sent, got layout {tensor.layout}")
-    if compression not in _COMPRESSIONS:
-        raise ValueError(f"unknown compression {compression}")
+    check_sendable(tensor, compression)
     tensor = tensor.detach()
     message = tensor_pb2.Tensor(dtype=SUPPORTED_DTYPES[tensor.dtype], shape=tensor.shape)
     if compression == COMPRESSION_FLOAT16 and tensor.dtype == torch.float32:
@@ -292,6 +291,35 @@ def _dtype_names() -> str:
     return ", ".join(str(dtype).removeprefix("torch.") for dtype in SUPPORTED_DTYPES)
 
 
+def check_sendable(tensor: torch.Tensor, compression: int = COMPRESSION_NONE) -> None:
+    """Raise what `serialize_tensor` raises for a tensor or compression it cannot send (shared with `proto.wire`)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {tensor.dtype}; supported: {_dtype_names()}")
+    if tensor.layout != torch.strided:
+        raise ValueError(f"only dense (strided) tensors can be sent, got layout {tensor.layout}")
+    if compression not in _COMPRESSIONS:
+        raise ValueError(f"unknown compression {compression}")
+
+
+def check_shape(shape: tuple[int, ...], max_elements: int | None) -> int:
+    """The element count of a decoded ``shape``, or `TensorDecodeError` (shared with `proto.wire`).
+
+    At most `MAX_NDIM` dims, none negative, a count within int64 and within ``max_elements`` when given.
+    """
+    if len(shape) > MAX_NDIM:
+        raise TensorDecodeError(f"shape has {len(shape)} dimensions, more than {MAX_NDIM}")
+    if any(dim < 0 for dim in shape):
+        raise TensorDecodeError(f"shape {list(shape)} has a negative dimension")
+    numel = math.prod(shape)
+    if numel > _MAX_INT64:
+        raise TensorDecodeError(f"shape {list(shape)} has {numel} elements, more than int64 can count")
+    if max_elements is not None and numel > max_elements:
+        raise TensorDecodeError(f"shape {list(shape)} has {numel} elements, more than the limit of {max_elements}")
+    return numel
+
+
 def _raw_bytes(tensor: torch.Tensor) -> bytes:
     """The tensor's elements in row-major order as bytes: one copy (also for non-contiguous)."""
     tensor = tensor.cpu().resolve_neg()
@@ -318,15 +346,7 @@ def _deserialize(message: tensor_pb2.Tensor, max_elements: int | None) -> torch.
         raise TensorDecodeError(f"lossy compression {compression} does not apply to {dtype}")
 
     shape = tuple(message.shape)
-    if len(shape) > MAX_NDIM:
-        raise TensorDecodeError(f"shape has {len(shape)} dimensions, more than {MAX_NDIM}")
-    if any(dim < 0 for dim in shape):
-        raise TensorDecodeError(f"shape {list(shape)} has a negative dimension")
-    numel = math.prod(shape)
-    if numel > _MAX_INT64:
-        raise TensorDecodeError(f"shape {list(shape)} has {numel} elements, more than int64 can count")
-    if max_elements is not None and numel > max_elements:
-        raise TensorDecodeError(f"shape {list(shape)} has {numel} elements, more than the limit of {max_elements}")
+    numel = check_shape(shape, max_elements)
 
     if compression == COMPRESSION_BLOCKWISE_8BIT:
         if message.block_size == 0:

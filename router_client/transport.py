@@ -19,6 +19,7 @@ from proto import (
     serialize_tensor,
     split_tensor,
 )
+from proto.wire import decode_response, encode_request
 
 SWARM_KEY_METADATA = "dmoe-swarm-key"  # the same names the peer reads
 CLIENT_ID_METADATA = "dmoe-client-id"
@@ -95,8 +96,7 @@ class ExpertTransport:
         method = self._unary_methods.get(key)
         if method is None:
             method = self._unary_methods[key] = self.channel(endpoint).unary_unary(
-                _METHOD + ("Backward" if backward else "Forward"),
-                response_deserializer=expert_pb2.ExpertResponse.FromString,
+                _METHOD + ("Backward" if backward else "Forward")  # bytes both ways: see `proto.wire`
             )
         return method
 
@@ -117,22 +117,21 @@ class ExpertTransport:
         """
         if timeout <= 0:
             raise ExpertCallError(endpoint, uid, "no time left before the deadline", grpc.StatusCode.DEADLINE_EXCEEDED)
-        messages = [serialize_tensor(t, self.compression) for t in tensors]
         size = sum(t.numel() * t.element_size() for t in tensors)  # an upper bound of the encoded size
+        unary = size < self.max_message_bytes * 0.9
+        if unary:
+            request = encode_request(
+                uid, tensors, response_compression=self.compression, forward_id=forward_id, compression=self.compression
+            )
+        else:
+            messages = [serialize_tensor(t, self.compression) for t in tensors]
         try:
-            if size < self.max_message_bytes * 0.9:
-                response = await self._unary(endpoint, backward)(
-                    expert_pb2.ExpertRequest(
-                        uid=uid, tensors=messages, response_compression=self.compression, forward_id=forward_id
-                    ).SerializeToString(),
-                    timeout=timeout,
-                    metadata=self.metadata,
-                )
-                parts = response.tensors
-            else:
-                parts = await self._call_stream(
-                    endpoint, uid, messages, backward=backward, timeout=timeout, forward_id=forward_id
-                )
+            if unary:
+                response = await self._unary(endpoint, backward)(request, timeout=timeout, metadata=self.metadata)
+                return decode_response(response)  # gRPC's fresh bytes, handed over: the tensors are views of it
+            parts = await self._call_stream(
+                endpoint, uid, messages, backward=backward, timeout=timeout, forward_id=forward_id
+            )
             return [deserialize_tensor(part) for part in iter_tensors_from_chunks(parts)]
         except grpc.aio.AioRpcError as exc:
             raise ExpertCallError(endpoint, uid, f"{exc.code().name}: {exc.details()}", exc.code()) from None
