@@ -10,12 +10,16 @@ Paths, each a full round trip from a tensor back to a tensor, interleaved with t
   `proto.wire` (and still pays for a message under its 64 KiB threshold).
 
 GB/s = tensor bytes / (encode + decode seconds); ``x copy`` = that speed / the speed of `clone()`. Every side runs
-in this process under the same allocator settings (`bench.common.tune_allocator`, applied by `dmoe bench`).
+in this process under the same allocator settings (`bench.common.tune_allocator`, applied by `dmoe bench`); the
+copy and the two lossless ``wire`` paths are interleaved with each other, the other paths run after them (their
+large transient allocations would otherwise make the next side page-fault). ``page faults/run``: minor faults
+per encode+decode (or copy), warm-up included.
 """
 
 from __future__ import annotations
 
 import math
+import resource
 
 import torch
 
@@ -63,6 +67,21 @@ LOSSLESS = ("wire request", "wire response", "message", "protobuf wire")
 PRODUCTION = ("wire request", "wire response")  # the lossless paths of a call: the target applies to these
 
 
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _counting(fn, faults: dict, name: str):
+    """``fn`` that also adds the page faults it takes to ``faults[name]``."""
+
+    def run():
+        before = _faults()
+        fn()
+        faults[name] += _faults() - before
+
+    return run
+
+
 def run(ctx) -> dict:
     torch.set_num_threads(ctx.threads)
     sizes = [1, 4] if ctx.quick else [1, 4, 16, 64, 256]
@@ -76,11 +95,19 @@ def run(ctx) -> dict:
                 if not torch.equal(paths[name](tensor).view(torch.uint8), tensor.view(torch.uint8)):
                     raise AssertionError(f"{name} did not round-trip {dtype} exactly")
             reps = 3 if ctx.quick else (5 if mib >= 64 else 9)
-            sides = [Side("copy", lambda t=tensor: t.clone(), reps=reps, warmup=1)]
-            sides += [Side(name, lambda fn=fn, t=tensor: fn(t), reps=reps, warmup=1) for name, fn in paths.items()]
-            interleave(sides)
-            copy_s = summarize(sides[0].samples)["median"]
-            for side in sides:
+            paths = {"copy": lambda t: t.clone(), **paths}
+            faults = dict.fromkeys(paths, 0)
+            sides = {
+                name: Side(name, _counting(lambda fn=fn, t=tensor: fn(t), faults, name), reps=reps, warmup=1)
+                for name, fn in paths.items()
+            }
+            # The copy and the paths of a call run interleaved on their own: the protobuf paths free over a GiB at
+            # 256 MiB, which makes glibc return memory to the OS (M_TRIM_THRESHOLD is 1 GiB in this process), and
+            # whichever side runs next would pay the page faults of getting it back.
+            interleave([sides[name] for name in ("copy", *PRODUCTION)])
+            interleave([side for name, side in sides.items() if name not in ("copy", *PRODUCTION)])
+            copy_s = summarize(sides["copy"].samples)["median"]
+            for side in sides.values():
                 stats = summarize(side.samples)
                 gbps = mib * MIB / stats["median"] / 1e9 if side.samples else math.nan
                 rows.append(
@@ -91,6 +118,7 @@ def run(ctx) -> dict:
                         "median_s": stats["median"],
                         "gb_per_s": gbps,
                         "vs_copy": ratio(copy_s, stats["median"]),
+                        "page_faults_per_run": faults[side.name] / max(1, len(side.samples) + side.warmup),
                         "errors": side.errors[:2],
                     }
                 )
@@ -118,6 +146,9 @@ def _targets(rows: list[dict]) -> list[dict]:
 
 
 def table(result: dict) -> tuple[list[str], list[list]]:
-    headers = ["dtype", "MiB", "path", "GB/s", "x copy", "median s"]
-    rows = [[r["dtype"], r["mib"], r["path"], r["gb_per_s"], r["vs_copy"], r["median_s"]] for r in result["rows"]]
+    headers = ["dtype", "MiB", "path", "GB/s", "x copy", "median s", "page faults/run"]
+    rows = [
+        [r["dtype"], r["mib"], r["path"], r["gb_per_s"], r["vs_copy"], r["median_s"], r.get("page_faults_per_run")]
+        for r in result["rows"]
+    ]
     return headers, rows
