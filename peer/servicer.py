@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "dmoe.v1.ExpertService"
 DEFAULT_DEADLINE = 120.0  # seconds given to a call that arrives without a deadline
+MAX_BATCH_PARTS = 256  # most expert requests in one ForwardMany/BackwardMany
 
 
 class RequestError(Exception):
@@ -78,7 +80,16 @@ class ExpertServicer:
         self.max_message_bytes = max_message_bytes
         self.peer_id = peer_id
         self.closing = False
-        self.calls = {"Forward": 0, "Backward": 0, "ForwardStream": 0, "BackwardStream": 0, "Info": 0}
+        self.calls = {
+            "Forward": 0,
+            "Backward": 0,
+            "ForwardStream": 0,
+            "BackwardStream": 0,
+            "ForwardMany": 0,
+            "BackwardMany": 0,
+            "Info": 0,
+        }
+        self.requests = {"forward": 0, "backward": 0}  # expert requests served, batched parts included
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         """The handler to register with a `grpc.aio.Server` (requests arrive as raw bytes)."""
@@ -87,6 +98,8 @@ class ExpertServicer:
             "Backward": grpc.unary_unary_rpc_method_handler(self._backward),
             "ForwardStream": grpc.stream_stream_rpc_method_handler(self._forward_stream),
             "BackwardStream": grpc.stream_stream_rpc_method_handler(self._backward_stream),
+            "ForwardMany": grpc.unary_unary_rpc_method_handler(self._forward_many),
+            "BackwardMany": grpc.unary_unary_rpc_method_handler(self._backward_many),
             "Info": grpc.unary_unary_rpc_method_handler(self._info),
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
@@ -98,6 +111,14 @@ class ExpertServicer:
     async def _backward(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         self.calls["Backward"] += 1
         return await self._unary(request, context, backward=True)
+
+    async def _forward_many(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.calls["ForwardMany"] += 1
+        return await self._many(request, context, backward=False)
+
+    async def _backward_many(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.calls["BackwardMany"] += 1
+        return await self._many(request, context, backward=True)
 
     async def _forward_stream(self, requests: AsyncIterator[bytes], context) -> AsyncIterator[bytes]:
         self.calls["ForwardStream"] += 1
@@ -153,6 +174,31 @@ class ExpertServicer:
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
 
+    async def _many(self, request: bytes, context, *, backward: bool) -> bytes:
+        try:
+            batch = _parse(expert_pb2.ExpertRequestBatch, request)
+            if not 0 < len(batch.requests) <= MAX_BATCH_PARTS:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"a batch holds 1 to {MAX_BATCH_PARTS} requests, got {len(batch.requests)}",
+                )
+            parts = [self._part(part, context, backward=backward) for part in batch.requests]
+            results = await asyncio.gather(*parts)
+            return expert_pb2.ExpertResponseBatch(results=results).SerializeToString()
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
+
+    async def _part(self, part, context, *, backward: bool) -> expert_pb2.ExpertResult:
+        """One part of a ForwardMany/BackwardMany: its answer, or the status it failed with (never raises)."""
+        try:
+            outputs = await self._run(
+                part.uid, list(part.tensors), context, backward=backward, forward_id=part.forward_id
+            )
+        except RequestError as exc:
+            return expert_pb2.ExpertResult(code=exc.code.value[0], message=str(exc))
+        tensors = [serialize_tensor(t, part.response_compression) for t in outputs]
+        return expert_pb2.ExpertResult(response=expert_pb2.ExpertResponse(tensors=tensors))
+
     def _stream_limit(self, uid: str) -> int:
         expert = self.experts.get(uid)
         if expert is None:
@@ -166,6 +212,7 @@ class ExpertServicer:
     ) -> list[torch.Tensor]:
         if self.closing:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "peer is shutting down; use another replica")
+        self.requests["backward" if backward else "forward"] += 1
         client = self.limiter.client_of(context)
         refusal = self.limiter.admit(client)
         if refusal is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -25,6 +27,9 @@ SWARM_KEY_METADATA = "dmoe-swarm-key"  # the same names the peer reads
 CLIENT_ID_METADATA = "dmoe-client-id"
 COMPRESSIONS = {"none": COMPRESSION_NONE, "float16": COMPRESSION_FLOAT16, "8bit": COMPRESSION_BLOCKWISE_8BIT}
 _METHOD = "/dmoe.v1.ExpertService/"
+DEFAULT_COALESCE_BYTES = 256 << 10  # requests up to this size share a call (64 tokens at hidden 1024, fp32)
+MAX_BATCH_PARTS = 64  # most requests in one ForwardMany; the peer takes up to 256
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class ExpertCallError(Exception):
@@ -50,11 +55,39 @@ def channel_credentials(ca: str | None, cert: str | None = None, key: str | None
     )
 
 
+@dataclass
+class _Part:
+    uid: str
+    tensors: list[torch.Tensor]
+    forward_id: int
+    future: asyncio.Future
+
+
+@dataclass
+class _Batch:
+    endpoint: str
+    backward: bool
+    parts: list[_Part] = field(default_factory=list)
+    timeout: float = 0.0
+
+
+def _settle(future: asyncio.Future, *, result=None, exception: BaseException | None = None) -> None:
+    if not future.done():
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)
+
+
 class ExpertTransport:
     """Sends Forward/Backward requests to peers. Must be used from a single event loop (the router's).
 
     Requests whose tensors fit in `max_message_bytes` go as one unary call; larger ones are chunked over
-    the streaming variant. `compression` (a `COMPRESSION_*` value) applies to floating tensors both ways.
+    the streaming variant. Small requests (at most `coalesce_bytes` of tensors; 0 turns this off) that are
+    sent to the same peer in the same event-loop tick, like the per-expert requests of one router call,
+    travel together as one ForwardMany/BackwardMany call: where a round trip costs more than the compute,
+    that saves a round trip and the peer's per-call work for every extra expert; each request still succeeds
+    or fails on its own. `compression` (a `COMPRESSION_*` value) applies to floating tensors both ways.
     """
 
     def __init__(
@@ -64,14 +97,19 @@ class ExpertTransport:
         compression: int = COMPRESSION_NONE,
         swarm_key: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        coalesce_bytes: int = DEFAULT_COALESCE_BYTES,
     ):
         self.max_message_bytes = max_message_bytes
+        self.coalesce_bytes = coalesce_bytes
         self.compression = compression
         client_id = ((CLIENT_ID_METADATA, uuid.uuid4().hex[:16]),)
         self.metadata = (((SWARM_KEY_METADATA, swarm_key),) if swarm_key else ()) + client_id
         self.credentials = credentials
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._unary_methods: dict[tuple[str, bool], grpc.aio.UnaryUnaryMultiCallable] = {}
+        self._unary_methods: dict[tuple, grpc.aio.UnaryUnaryMultiCallable] = {}
+        self._open_batches: dict[tuple[str, bool], _Batch] = {}
+        self._no_batches: set[str] = set()  # peers that answered UNIMPLEMENTED to ForwardMany
+        self._sending: set[asyncio.Task] = set()
 
     def channel(self, endpoint: str) -> grpc.aio.Channel:
         """The (reused) channel to `endpoint`."""
@@ -117,6 +155,17 @@ class ExpertTransport:
         """
         if timeout <= 0:
             raise ExpertCallError(endpoint, uid, "no time left before the deadline", grpc.StatusCode.DEADLINE_EXCEEDED)
+        if self.coalesce_bytes and endpoint not in self._no_batches:
+            if sum(t.numel() * t.element_size() for t in tensors) <= self.coalesce_bytes:
+                return await self._coalesced(endpoint, uid, tensors, backward, timeout, forward_id)
+        return await self._call_direct(
+            endpoint, uid, tensors, backward=backward, timeout=timeout, forward_id=forward_id
+        )
+
+    async def _call_direct(
+        self, endpoint: str, uid: str, tensors: list[torch.Tensor], *, backward: bool, timeout: float, forward_id: int
+    ) -> list[torch.Tensor]:
+        """One call of its own: unary, or chunked over the stream when the tensors exceed the message limit."""
         size = sum(t.numel() * t.element_size() for t in tensors)  # an upper bound of the encoded size
         unary = size < self.max_message_bytes * 0.9
         if unary:
@@ -158,6 +207,97 @@ class ExpertTransport:
             response_deserializer=expert_pb2.ExpertResponse.FromString,
         )(requests(), timeout=timeout, metadata=self.metadata)
         return [part async for response in call for part in response.tensors]
+
+    async def _coalesced(self, endpoint, uid, tensors, backward: bool, timeout: float, forward_id: int):
+        """Join (or open) this tick's batch for (endpoint, pass); it is sent once the loop has run every ready task."""
+        key = (endpoint, backward)
+        batch = self._open_batches.get(key)
+        if batch is None or len(batch.parts) >= MAX_BATCH_PARTS:
+            batch = self._open_batches[key] = _Batch(endpoint, backward)
+            asyncio.get_running_loop().call_soon(self._flush, key, batch)
+        future = asyncio.get_running_loop().create_future()
+        batch.parts.append(_Part(uid, tensors, forward_id, future))
+        batch.timeout = max(batch.timeout, timeout)
+        return await future
+
+    def _flush(self, key, batch: _Batch) -> None:
+        if self._open_batches.get(key) is batch:
+            del self._open_batches[key]
+        parts = [part for part in batch.parts if not part.future.done()]  # callers cancelled meanwhile are dropped
+        if len(parts) == 1:
+            task = asyncio.ensure_future(self._send_alone(batch.endpoint, parts[0], batch.backward, batch.timeout))
+        elif parts:
+            task = asyncio.ensure_future(self._send_batch(batch.endpoint, parts, batch.backward, batch.timeout))
+        else:
+            return
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send_alone(self, endpoint: str, part: _Part, backward: bool, timeout: float) -> None:
+        try:
+            outputs = await self._call_direct(
+                endpoint, part.uid, part.tensors, backward=backward, timeout=timeout, forward_id=part.forward_id
+            )
+        except ExpertCallError as exc:
+            _settle(part.future, exception=exc)
+        except Exception as exc:  # anything unexpected still reaches the caller instead of leaving it waiting
+            _settle(part.future, exception=ExpertCallError(endpoint, part.uid, repr(exc)))
+        else:
+            _settle(part.future, result=outputs)
+
+    async def _send_batch(self, endpoint: str, parts: list[_Part], backward: bool, timeout: float) -> None:
+        try:
+            request = expert_pb2.ExpertRequestBatch(
+                requests=[
+                    expert_pb2.ExpertRequest(
+                        uid=part.uid,
+                        tensors=[serialize_tensor(t, self.compression) for t in part.tensors],
+                        response_compression=self.compression,
+                        forward_id=part.forward_id,
+                    )
+                    for part in parts
+                ]
+            )
+            method = self._batch_method(endpoint, backward)
+            raw = await method(request.SerializeToString(), timeout=timeout, metadata=self.metadata)
+            results = expert_pb2.ExpertResponseBatch.FromString(raw).results
+            if len(results) != len(parts):
+                raise TensorDecodeError(f"{len(results)} results for {len(parts)} requests")
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a peer from before batches: one call per request
+                self._no_batches.add(endpoint)
+                await asyncio.gather(*(self._send_alone(endpoint, part, backward, timeout) for part in parts))
+                return
+            for part in parts:
+                error = ExpertCallError(endpoint, part.uid, f"{exc.code().name}: {exc.details()}", exc.code())
+                _settle(part.future, exception=error)
+            return
+        except Exception as exc:  # a malformed answer, or anything unexpected: every part fails with it
+            for part in parts:
+                _settle(part.future, exception=ExpertCallError(endpoint, part.uid, f"malformed answer: {exc}"))
+            return
+        for part, result in zip(parts, results, strict=True):
+            if result.code:
+                code = _STATUS_CODES.get(result.code, grpc.StatusCode.UNKNOWN)
+                _settle(
+                    part.future, exception=ExpertCallError(endpoint, part.uid, f"{code.name}: {result.message}", code)
+                )
+                continue
+            try:
+                outputs = [deserialize_tensor(t) for t in iter_tensors_from_chunks(result.response.tensors)]
+            except TensorDecodeError as exc:
+                _settle(part.future, exception=ExpertCallError(endpoint, part.uid, f"malformed answer: {exc}"))
+            else:
+                _settle(part.future, result=outputs)
+
+    def _batch_method(self, endpoint: str, backward: bool):
+        key = (endpoint, backward, "many")
+        method = self._unary_methods.get(key)
+        if method is None:
+            method = self._unary_methods[key] = self.channel(endpoint).unary_unary(
+                _METHOD + ("BackwardMany" if backward else "ForwardMany")
+            )
+        return method
 
     async def close(self) -> None:
         """Close every channel."""

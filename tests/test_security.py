@@ -140,10 +140,10 @@ def test_verification_catches_and_bans_a_rogue_replica(dht_node):
         assert rogue.endpoint in moe.verifier.liars, f"not caught after {requests} requests"
         assert honest_a.endpoint not in moe.verifier.liars and honest_b.endpoint not in moe.verifier.liars
         time.sleep(0.5)
-        before = rogue.servicer.calls["Forward"]
+        before = rogue.servicer.requests["forward"]
         for _ in range(20):
             moe(torch.randn(8, 16))
-        assert rogue.servicer.calls["Forward"] == before, "a banned liar gets no more traffic"
+        assert rogue.servicer.requests["forward"] == before, "a banned liar gets no more traffic"
 
 
 def test_trusted_peers_restricts_routing_to_known_peers(dht_node, tmp_path):
@@ -153,8 +153,8 @@ def test_trusted_peers_restricts_routing_to_known_peers(dht_node, tmp_path):
         moe = RemoteMixtureOfExperts(16, (2,), "ffn", 2, dht=dht_node, trusted_peers=str(trusted), cache_ttl=1.0)
         for _ in range(30):
             moe(torch.randn(8, 16))
-        assert rogue.servicer.calls["Forward"] == 0
-        assert honest_a.servicer.calls["Forward"] + honest_b.servicer.calls["Forward"] >= 30
+        assert rogue.servicer.requests["forward"] == 0
+        assert honest_a.servicer.requests["forward"] + honest_b.servicer.requests["forward"] >= 30
 
 
 @pytest.mark.slow
