@@ -7,10 +7,11 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import torch
+
+from peer.compute import INLINE_MAX_SECONDS, ComputeRunner
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,9 @@ class LoadStats:
 
 class BatchingQueue:
     """Merges concurrent requests for one expert and one kind of pass into batches of at most
-    `max_batch_size` tokens, and computes each batch on the peer's compute executor.
+    `max_batch_size` tokens, and computes each batch with the peer's `ComputeRunner`: on the event loop
+    when the last batch of this queue took under `INLINE_MAX_SECONDS` and this one is no larger, else on the
+    compute thread.
 
     Requests are tensors whose first dimension is the token dimension; a batch is their concatenation,
     and each request receives its own slice of the outputs. Requests whose deadline (in `time.monotonic()`
@@ -74,12 +77,13 @@ class BatchingQueue:
         self,
         name: str,
         compute_fn: ComputeFn,
-        executor: Executor,
+        runner: ComputeRunner,
         *,
         max_batch_size: int,
         max_queue_size: int,
     ):
-        self.name, self.compute_fn, self.executor = name, compute_fn, executor
+        self.name, self.compute_fn, self.runner = name, compute_fn, runner
+        self._last_batch: tuple[int, float] | None = None  # (tokens, seconds) of the last computed batch
         self.max_batch_size, self.max_queue_size = max_batch_size, max_queue_size
         self.stats = LoadStats()
         self._pending: collections.deque[_Task] = collections.deque()
@@ -141,7 +145,6 @@ class BatchingQueue:
         return batch
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._pending:
                 self._wakeup.clear()
@@ -151,8 +154,12 @@ class BatchingQueue:
                 continue
             inputs = _concat([task.tensors for task in batch])
             tag = batch[0].tag if len(batch) == 1 else 0
+            num_tokens = sum(task.num_tokens for task in batch)
+            last = self._last_batch
+            inline = last is not None and last[1] <= INLINE_MAX_SECONDS and num_tokens <= last[0]
+            started = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(self.executor, self.compute_fn, inputs, tag)
+                outputs = await self.runner.run(self.compute_fn, inputs, tag, inline=inline)
             except asyncio.CancelledError:
                 for task in batch:
                     task.future.cancel()
@@ -163,7 +170,7 @@ class BatchingQueue:
                     if not task.future.done():
                         task.future.set_exception(exc)
                 continue
-            num_tokens = sum(task.num_tokens for task in batch)
+            self._last_batch = (num_tokens, time.perf_counter() - started)
             self.stats.record_batch(num_tokens)
             offset = 0
             for task in batch:

@@ -9,7 +9,6 @@ import socket
 import sys
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -22,6 +21,7 @@ from peer.announcer import Announcer
 from peer.backend import ExpertBackend
 from peer.batching import BatchingQueue
 from peer.checkpoints import load_checkpoint, save_checkpoint
+from peer.compute import ComputeRunner
 from peer.config import PeerConfig
 from peer.experts import get_expert_class, load_custom_module
 from peer.graphs import ForwardGraphStore
@@ -71,7 +71,7 @@ class Peer:
         self.servicer: ExpertServicer | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dmoe-compute")
+        self._compute = ComputeRunner()
         self.graphs = ForwardGraphStore(max(0, config.forward_cache_mb) << 20)
         self._background: list[asyncio.Task] = []
         self._saved_update_count: dict[str, int | None] = {}
@@ -178,8 +178,8 @@ class Peer:
         queue_args = dict(max_batch_size=config.max_batch_size, max_queue_size=config.max_queue_size)
         return HostedExpert(
             backend,
-            BatchingQueue(f"{uid}/forward", backend.forward, self._executor, **queue_args),
-            BatchingQueue(f"{uid}/backward", backward, self._executor, **queue_args),
+            BatchingQueue(f"{uid}/forward", backend.forward, self._compute, **queue_args),
+            BatchingQueue(f"{uid}/backward", backward, self._compute, **queue_args),
         )
 
     async def _start_dht(self) -> None:
@@ -223,13 +223,12 @@ class Peer:
         """Checkpoint every expert that changed since its last save; returns how many were written."""
         if not self.config.checkpoint_dir:
             return 0
-        loop = asyncio.get_running_loop()
         written = 0
         for uid, backend in self.backends.items():
             if not force and self._saved_update_count.get(uid) == backend.update_count:
                 continue
-            # the snapshot runs on the compute thread, so it never sees half an optimizer step
-            state = await loop.run_in_executor(self._executor, backend.state_dict)
+            # the snapshot is compute too (ComputeRunner: one piece at a time): never half an optimizer step
+            state = await self._compute.run(backend.state_dict)
             await asyncio.to_thread(save_checkpoint, self.config.checkpoint_dir, uid, state)
             self._saved_update_count[uid] = state["update_count"]
             written += 1
@@ -268,7 +267,7 @@ class Peer:
                     await expert.backward_queue.stop()
                 await self.save_checkpoints()
         finally:
-            self._executor.shutdown(wait=True)
+            self._compute.shutdown(wait=True)
             if self.dht_node is not None:
                 await asyncio.to_thread(self.dht_node.shutdown)
             self._stopped.set()

@@ -143,6 +143,8 @@ class Dispatcher:
         if not replicas:
             return JobResult(error="no live replica in the DHT")
         ordered = self.scores.order(replicas, preferred)
+        if not self.hedge or len(ordered) == 1:
+            return await self._serve_in_turn(job, inputs, ordered, backward, deadline, expected, forward_id, replicas)
         attempts: dict[asyncio.Task, tuple[ExpertReplica, float]] = {}
         errors: list[str] = []
         next_replica = 0
@@ -195,17 +197,49 @@ class Dispatcher:
                 if not attempts and next_replica < len(ordered) and time.monotonic() < deadline:
                     launch()  # failover inside the same deadline
         finally:
-            now = time.monotonic()
             for task, (replica, started) in attempts.items():
                 task.cancel()
-                # cancelled while silent for much longer than usual (e.g. a cut link that drops packets):
-                # ban it, or its good record would keep it first in line and every call would wait for it
-                usual = self.scores.typical_latency(replica.endpoint) or 0.0
-                if now - started >= max(4 * usual, 0.25):
-                    self.scores.record_failure(replica.endpoint, f"no answer after {now - started:.2f} s")
+                self._note_silence(replica, started)
         if not errors:
             errors.append("deadline passed")
         return JobResult(error="; ".join(errors))
+
+    async def _serve_in_turn(
+        self, job: ExpertJob, inputs, ordered: list[ExpertReplica], backward, deadline, expected, forward_id, replicas
+    ) -> JobResult:
+        """Without hedging: one replica after the other, each call awaited right here (no task per attempt)."""
+        errors: list[str] = []
+        for replica in ordered:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                break
+            started = time.monotonic()
+            try:
+                outputs = await self.transport.call(
+                    replica.endpoint, job.uid, inputs, backward=backward, timeout=timeout, forward_id=forward_id
+                )
+                self._check(outputs, expected, replica, job.uid, backward=backward)
+            except asyncio.CancelledError:
+                self._note_silence(replica, started)
+                raise
+            except Exception as exc:  # a failed call, a bad answer, or anything unexpected
+                reason = exc.reason if isinstance(exc, ExpertCallError) else str(exc) or repr(exc)
+                errors.append(f"{replica.endpoint}: {reason}")
+                self.scores.record_failure(replica.endpoint, reason)
+                continue
+            self.scores.record_success(replica.endpoint, time.monotonic() - started)
+            if self.verifier is not None and not backward:
+                self.verifier.maybe_verify(job.uid, inputs, outputs, replica, replicas)
+            return JobResult(outputs=outputs, replica=replica)
+        return JobResult(error="; ".join(errors) or "deadline passed")
+
+    def _note_silence(self, replica: ExpertReplica, started: float) -> None:
+        """Ban a replica whose call was cancelled while silent for much longer than usual (e.g. a cut link that
+        drops packets): its good record would otherwise keep it first in line, and every call would wait for it."""
+        waited = time.monotonic() - started
+        usual = self.scores.typical_latency(replica.endpoint) or 0.0
+        if waited >= max(4 * usual, 0.25):
+            self.scores.record_failure(replica.endpoint, f"no answer after {waited:.2f} s")
 
     def _check(
         self, outputs: list[torch.Tensor], expected: list[tuple[int, ...]], replica, uid: str, *, backward: bool
