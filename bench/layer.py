@@ -123,12 +123,23 @@ def _run_device(ctx, config: dict, device: str) -> dict:
             "hivemind": client.layer(hidden, PREFIX, num_experts, K, gate),
         }
         diffs.update(_agreement(local, layers, hidden))
-        phases.append(_measure_all(ctx, config, local, layers, hidden, same_work=True))
+        small = [b for b in config["batches"] if b <= config["hivemind_max_batch"]]
+        rows = _measure_all(ctx, config, local, layers, hidden, same_work=True, batches=small)
+        # hivemind does not run at the larger batches: stop its server and client first, so that their
+        # processes and threads (a timed-out call's among them) take no CPU from the others there
+        hivemind_restarts = client.restarts
+        client.shutdown()
+        client = None
+        server.stop()
+        layers.pop("hivemind")
+        large = [b for b in config["batches"] if b > config["hivemind_max_batch"]]
+        rows += _measure_all(ctx, config, local, layers, hidden, same_work=True, batches=large)
+        phases.append(sorted(rows, key=lambda row: (row["mode"] != "train", row["batch"])))
     finally:
         if client is not None:
+            hivemind_restarts = client.restarts
             client.shutdown()
         stop_all(server, one)
-    hivemind_restarts = client.restarts if client is not None else 0
     many = DmoeGroup(
         f"layer-{device}-{multi}",
         [f"{PREFIX}.[{i * per_peer}:{(i + 1) * per_peer}]" for i in range(multi)],
@@ -166,13 +177,13 @@ def _run_device(ctx, config: dict, device: str) -> dict:
     }
 
 
-def _measure_all(ctx, config, local, layers, hidden, *, same_work: bool) -> list[dict]:
+def _measure_all(ctx, config, local, layers, hidden, *, same_work: bool, batches=None) -> list[dict]:
     for layer in layers.values():
         layer.train()
     return [
         _measure(ctx, config, local, layers, mode, batch, hidden, same_work=same_work)
         for mode in ("train", "infer")
-        for batch in config["batches"]
+        for batch in (config["batches"] if batches is None else batches)
     ]
 
 
