@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,8 +122,10 @@ class Dispatcher:
                     results[index] = task.result()
                     if results[index].ok:
                         answered[jobs[index].token_index] += 1
-                if quorum_at is None and bool((answered >= required).all()):
-                    quorum_at = time.monotonic()
+                # the quorum matters only while something is pending and the grace would end the call early
+                if quorum_at is None and pending and time.monotonic() + grace < deadline:
+                    if bool((answered >= required).all()):
+                        quorum_at = time.monotonic()
         finally:
             for task in pending:
                 task.cancel()
@@ -249,12 +252,16 @@ class Dispatcher:
         shapes = [tuple(t.shape) for t in outputs]
         if expected and shapes != [tuple(s) for s in expected]:
             raise AnomalousAnswerError(f"answer of {uid} has shapes {shapes}, expected {expected}")
-        for tensor in outputs:
+        first = outputs[0] if outputs else None
+        screened = not backward and first is not None and first.is_floating_point() and first.dim() > 1
+        for tensor in outputs[1:] if screened else outputs:
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise AnomalousAnswerError(f"answer of {uid} contains NaN or Inf")
-        if backward or not outputs or not outputs[0].is_floating_point() or outputs[0].numel() == 0:
+        if not screened or first.numel() == 0:
             return
-        norm = float(outputs[0].float().flatten(1).norm(dim=1).mean()) if outputs[0].dim() > 1 else 0.0
+        norm = float(first.float().flatten(1).norm(dim=1).mean())  # NaN/Inf anywhere makes it non-finite
+        if not math.isfinite(norm):
+            raise AnomalousAnswerError(f"answer of {uid} contains NaN or Inf")
         seen, mean = self._mean_norms.get(uid, (0, 0.0))
         if seen >= 8 and norm > self.outlier_norm_factor * max(mean, 1e-6):
             raise AnomalousAnswerError(
