@@ -187,16 +187,12 @@ class Dispatcher:
                     replica, started = attempts.pop(task)
                     try:
                         outputs = task.result()
-                        self._check(outputs, expected, replica, job.uid, backward=backward)
-                    except Exception as exc:  # a failed call, a bad answer, or anything unexpected
-                        reason = exc.reason if isinstance(exc, ExpertCallError) else str(exc) or repr(exc)
-                        errors.append(f"{replica.endpoint}: {reason}")
-                        self.scores.record_failure(replica.endpoint, reason)
+                    except Exception as exc:  # a failed call, or anything unexpected
+                        self._record_failure(replica, exc, errors)
                         continue
-                    self.scores.record_success(replica.endpoint, time.monotonic() - started)
-                    if self.verifier is not None and not backward:
-                        self.verifier.maybe_verify(job.uid, inputs, outputs, replica, replicas)
-                    return JobResult(outputs=outputs, replica=replica)
+                    result = self._accept(job, inputs, outputs, replica, started, expected, backward, replicas, errors)
+                    if result is not None:
+                        return result
                 if not attempts and next_replica < len(ordered) and time.monotonic() < deadline:
                     launch()  # failover inside the same deadline
         finally:
@@ -225,16 +221,32 @@ class Dispatcher:
             except asyncio.CancelledError:
                 self._note_silence(replica, started)
                 raise
-            except Exception as exc:  # a failed call, a bad answer, or anything unexpected
-                reason = exc.reason if isinstance(exc, ExpertCallError) else str(exc) or repr(exc)
-                errors.append(f"{replica.endpoint}: {reason}")
-                self.scores.record_failure(replica.endpoint, reason)
+            except Exception as exc:  # a failed call, or anything unexpected
+                self._record_failure(replica, exc, errors)
                 continue
-            self.scores.record_success(replica.endpoint, time.monotonic() - started)
-            if self.verifier is not None and not backward:
-                self.verifier.maybe_verify(job.uid, inputs, outputs, replica, replicas)
-            return JobResult(outputs=outputs, replica=replica)
+            result = self._accept(job, inputs, outputs, replica, started, expected, backward, replicas, errors)
+            if result is not None:
+                return result
         return JobResult(error="; ".join(errors) or "deadline passed")
+
+    def _accept(
+        self, job, inputs, outputs, replica: ExpertReplica, started: float, expected, backward, replicas, errors
+    ) -> JobResult | None:
+        """The job's result when `outputs` pass the checks; else None, with the failure recorded."""
+        try:
+            self._check(outputs, expected, replica, job.uid, backward=backward)
+        except Exception as exc:  # a bad answer
+            self._record_failure(replica, exc, errors)
+            return None
+        self.scores.record_success(replica.endpoint, time.monotonic() - started)
+        if self.verifier is not None and not backward:
+            self.verifier.maybe_verify(job.uid, inputs, outputs, replica, replicas)
+        return JobResult(outputs=outputs, replica=replica)
+
+    def _record_failure(self, replica: ExpertReplica, exc: Exception, errors: list[str]) -> None:
+        reason = exc.reason if isinstance(exc, ExpertCallError) else str(exc) or repr(exc)
+        errors.append(f"{replica.endpoint}: {reason}")
+        self.scores.record_failure(replica.endpoint, reason)
 
     def _note_silence(self, replica: ExpertReplica, started: float) -> None:
         """Ban a replica whose call was cancelled while silent for much longer than usual (e.g. a cut link that

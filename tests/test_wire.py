@@ -31,15 +31,9 @@ from proto.wire import (
     encode_request,
     encode_response,
 )
+from tests.test_codec import BITS
 
 DTYPES = list(SUPPORTED_DTYPES)
-BITS = {
-    torch.float32: torch.int32,
-    torch.float16: torch.int16,
-    torch.bfloat16: torch.int16,
-    torch.int64: torch.int64,
-    torch.bool: torch.bool,
-}
 LARGE = (300, 128)  # float32: 150 KiB, over RAW_MIN_BYTES for every dtype but bool (hence LARGE_BOOL)
 LARGE_BOOL = (600, 128)
 
