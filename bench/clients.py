@@ -145,15 +145,23 @@ class HivemindLayer(nn.Module):
         if self._generation != self.client.generation:
             self.inner = self.client._build(*self.spec)
             self._generation = self.client.generation
+        dht = self.client.dht
         try:
-            return call_with_timeout(self.inner, x, timeout=self.client.call_timeout)
+            return call_with_timeout(
+                self.inner, x, timeout=self.client.call_timeout, abort_if=lambda: not dht.is_alive()
+            )
         except TimeoutError:
             self.client.ensure_alive(force=True)
             raise
 
 
-def call_with_timeout(fn, *args, timeout: float):
-    """`fn(*args)` on a helper thread (with this thread's grad mode); TimeoutError if it does not return in time."""
+class DHTDiedError(RuntimeError):
+    """hivemind's DHT process died while a call was waiting on it (the call would wait forever)."""
+
+
+def call_with_timeout(fn, *args, timeout: float, abort_if=None):
+    """`fn(*args)` on a helper thread (with this thread's grad mode); TimeoutError if it does not return in time,
+    `DHTDiedError` as soon as `abort_if()` (checked twice a second) says waiting is pointless."""
     outcome: dict = {}
     grad = torch.is_grad_enabled()
 
@@ -166,7 +174,11 @@ def call_with_timeout(fn, *args, timeout: float):
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
-    thread.join(timeout)
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and time.monotonic() < deadline:
+        thread.join(min(0.5, max(0.0, deadline - time.monotonic())))
+        if thread.is_alive() and abort_if is not None and abort_if():
+            raise DHTDiedError("hivemind's DHT process died during the call")
     if thread.is_alive():
         raise TimeoutError(f"no answer within {timeout:.0f} s")
     if "error" in outcome:

@@ -110,7 +110,7 @@ class Side:
     setup: Callable[[], object] | None = None
     samples: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    gave_up: bool = False  # set after a TimeoutError: a side that hangs once is not given another minute
+    gave_up: bool = False  # set after a second TimeoutError: a side that hangs twice is not given another minute
 
     @property
     def done(self) -> bool:
@@ -149,7 +149,8 @@ def _attempt(side: Side, *, timed: bool) -> None:
         elapsed = time.perf_counter() - started
     except Exception as exc:  # a failing side is reported, never fatal for the others
         side.errors.append(f"{type(exc).__name__}: {exc}"[:500])
-        side.gave_up = side.gave_up or isinstance(exc, TimeoutError)
+        timeouts = sum(error.startswith("TimeoutError") for error in side.errors)
+        side.gave_up = side.gave_up or timeouts >= 2
         return
     if timed:
         side.samples.append(elapsed)
