@@ -36,7 +36,7 @@ class ExpertBackend:
       is clipped to `clip_grad_norm`; one that is NaN/Inf or whose norm exceeds `reject_grad_norm` is not
       applied: the update is skipped and counted in `updates_skipped`.
     Randomness (dropout) differs between the forward and a recomputed one; experts should not rely on it.
-    Not thread-safe: the peer calls every backend from its single compute thread.
+    Not thread-safe: the peer runs all compute one piece at a time (`peer.compute.ComputeRunner`).
     """
 
     def __init__(

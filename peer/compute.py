@@ -26,13 +26,11 @@ class ComputeRunner:
     def __init__(self):
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="dmoe-compute")
         self._lock = threading.Lock()
-        self.inline_runs = 0
 
     async def run(self, fn: Callable[..., T], *args: Any, inline: bool = False) -> T:
         """`fn(*args)`, on the event loop when `inline` and nothing else computes, else on the compute thread."""
         if inline and self._lock.acquire(blocking=False):
             try:
-                self.inline_runs += 1
                 return fn(*args)
             finally:
                 self._lock.release()

@@ -31,8 +31,9 @@ class ForwardGraphStore:
     """Kept forwards of every expert of one peer, keyed by (uid, forward_id), bounded by `max_bytes` and `max_age`.
 
     Adding an entry evicts the least recently added ones until it fits, and drops those older than `max_age`
-    seconds. Not thread-safe: only the peer's compute thread uses it. `hits`, `misses` and `evicted` count
-    Backwards that reused a graph, Backwards that had to recompute, and graphs dropped unused.
+    seconds. Not thread-safe: only compute uses it, one piece at a time (`peer.compute.ComputeRunner`).
+    `hits`, `misses` and `evicted` count Backwards that reused a graph, Backwards that had to recompute, and
+    graphs dropped unused.
     """
 
     def __init__(self, max_bytes: int, max_age: float = 120.0):
@@ -64,11 +65,6 @@ class ForwardGraphStore:
         if entry is not None:
             self.nbytes -= entry.nbytes
         return entry
-
-    def clear(self) -> None:
-        """Drop every kept forward."""
-        self._entries.clear()
-        self.nbytes = 0
 
     def _drop_expired(self, now: float) -> None:
         while self._entries and now - next(iter(self._entries.values())).created > self.max_age:
