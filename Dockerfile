@@ -23,6 +23,7 @@ COPY proto ./proto
 COPY dht ./dht
 COPY peer ./peer
 COPY router_client ./router_client
+COPY models ./models
 COPY dmoe_cli ./dmoe_cli
 COPY bench ./bench
 RUN pip install . && dmoe --help > /dev/null

@@ -19,16 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import DEFAULT_OUT, REPO, format_table, log, machine_info, tune_allocator, write_result
-
-# name -> (module, one line of help); the order is the order they run in
-BENCHMARKS: dict[str, tuple[str, str]] = {
-    "codec": ("bench.codec", "tensor codec encode+decode GB/s against an in-memory copy"),
-    "latency": ("bench.latency", "p50/p99 of a 1- and 16-token forward: dmoe vs hivemind vs in-process"),
-    "layer": ("bench.layer", "tokens/s of one MoE layer, training and inference: dmoe vs hivemind vs in-process"),
-    "dht": ("bench.dht_lookup", "beam-search lookup latency over 4096 experts on 8 DHT nodes, cold and cached"),
-    "faults": ("bench.faults", "training steps/s with one of 4 peers SIGKILLed every 10 s (replicas 2)"),
-    "memory": ("bench.memory", "peak RSS of a peer per hosted expert, and of a client"),
-}
+from bench.registry import BENCHMARKS
 
 
 @dataclass

@@ -28,11 +28,14 @@ from proto import (
     COMPRESSION_BLOCKWISE_8BIT,
     COMPRESSION_FLOAT16,
     COMPRESSION_NONE,
+    decode_request,
+    decode_response,
     deserialize_tensor,
+    encode_request,
+    encode_response,
     expert_pb2,
     serialize_tensor,
 )
-from proto.wire import decode_request, decode_response, encode_request, encode_response
 
 MIB = 1 << 20
 

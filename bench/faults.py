@@ -1,7 +1,7 @@
 """faults: training steps/s of the reference model with no faults, and with one of 4 peers SIGKILLed every 10 s.
 
 A local swarm (`dmoe_cli.swarm.LocalSwarm`: 4 peer processes, 8 experts of hidden 64, each on 2 peers) serves
-the reference model (`router_client.model.CharTransformer`, 2 blocks, grid 8, top-2). Training runs without a
+the reference model (`models.CharTransformer`, 2 blocks, grid 8, top-2). Training runs without a
 pause while the run alternates *no-fault* and *fault* segments of equal length (interleaved, twice over);
 in a fault segment one peer is SIGKILLed at its start and every 10 s after, round robin, and restarted at once
 (it rejoins with a new port, so its old DHT record points at a dead address until it expires). The router runs
@@ -25,8 +25,7 @@ from bench.common import log
 
 def run(ctx) -> dict:
     from dmoe_cli.swarm import LocalSwarm, SwarmConfig
-    from router_client.corpus import load_corpus, sample_batch
-    from router_client.model import CharTransformer, ModelConfig
+    from models import CharTransformer, ModelConfig, load_corpus, sample_batch
 
     segment_s, pairs, kill_every = (5.0, 1, 3.0) if ctx.quick else (20.0, 2, 10.0)
     torch.set_num_threads(1)
@@ -118,7 +117,7 @@ def run(ctx) -> dict:
 
 
 class _Trainer:
-    """The flat training loop of `router_client.training.train`, counting what each segment costs."""
+    """The flat training loop of `dmoe_cli.training.train`, counting what each segment costs."""
 
     COUNTERS = ("failed_requests", "masked_tokens", "backward_failures")
 

@@ -3,12 +3,14 @@
 It runs `hivemind.moe.Server` (hivemind's connection handlers, task pools and runtime, unchanged) over
 `ModuleBackend`s that wrap dmoe's `FeedForwardExpert`, seeded per uid as a dmoe peer seeds them, with Adam
 (lr 1e-3) and gradient clipping at norm 1.0 (hivemind's `ClippingWrapper`): the same weights and the same work
-as the dmoe peers. Prints ``hivemind server ready: MADDR ...`` once serving; stops on SIGTERM/SIGINT.
+as the dmoe peers. Once serving, it writes ``{"pid": ..., "initial_peers": [MADDR, ...]}`` atomically to
+`--ready-file` (and prints a line for people); stops on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import threading
@@ -17,12 +19,14 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve the experts until SIGTERM/SIGINT; exit code 0."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--experts", required=True, help="PREFIX:COUNT:HIDDEN[,...], e.g. ffn:16:1024,tiny:16:64")
     parser.add_argument("--threads", type=int, default=1, help="torch compute threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--handlers", type=int, default=8, help="hivemind connection handler processes")
     parser.add_argument("--max-batch-size", type=int, default=8192)
+    parser.add_argument("--ready-file", default=None, help="write the JSON ready record here once serving")
     args = parser.parse_args(argv)
 
     import torch
@@ -32,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
     from bench.servers import expert_seed
-    from peer.experts import FeedForwardExpert
+    from peer import FeedForwardExpert, atomic_write_bytes
 
     torch.set_num_threads(args.threads)
     backends = {}
@@ -54,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             )
     dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     server = Server(dht, backends, num_connection_handlers=args.handlers, device=args.device, start=True)
-    maddrs = " ".join(str(maddr) for maddr in dht.get_visible_maddrs())
-    print(f"hivemind server ready: {maddrs}", flush=True)
+    maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
+    if args.ready_file:
+        atomic_write_bytes(args.ready_file, json.dumps({"pid": os.getpid(), "initial_peers": maddrs}).encode())
+    print(f"hivemind server ready: {' '.join(maddrs)}", flush=True)
 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -7,12 +7,14 @@ results directory and writes the markdown, whose image links are relative to the
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 from pathlib import Path
 
 from bench.common import REPO, markdown_table
+from bench.registry import BENCHMARKS
 
 ORDER = ("layer", "latency", "codec", "dht", "faults", "memory")
 NOTES = Path(__file__).resolve().parent / "NOTES.md"
@@ -93,10 +95,6 @@ def _targets(results: dict[str, dict]) -> list[str]:
 
 
 def _section(name: str, result: dict, link_dir: Path, results_dir: Path) -> list[str]:
-    import importlib
-
-    from bench.cli import BENCHMARKS
-
     module = importlib.import_module(BENCHMARKS[name][0])
     headers, rows = module.table(result)
     doc = (module.__doc__ or "").strip().split("\n\n")

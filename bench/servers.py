@@ -10,8 +10,8 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import ctypes.util
+import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -24,9 +24,6 @@ from pathlib import Path
 
 from bench.common import REPO, child_env
 
-PEER_READY = re.compile(r"^peer serving .* at (\S+)\s*$", re.MULTILINE)
-PEER_DHT = re.compile(r"^peer DHT node: (\S+)\s*$", re.MULTILINE)
-HIVEMIND_READY = re.compile(r"^hivemind server ready: (.+)$", re.MULTILINE)
 SEED = 0
 
 
@@ -47,7 +44,8 @@ def _die_with_parent() -> None:
 
 
 class ServerProcess:
-    """A child process (its own process group) whose output goes to a log file; `wait_for` reads its ready line."""
+    """A child process (its own process group) whose output goes to a log file; `wait_for_file` waits for the
+    JSON file it writes (atomically) once it is ready."""
 
     def __init__(
         self, name: str, args: Sequence[str], *, threads: int | None, log_dir: Path, tuned_allocator: bool = True
@@ -69,20 +67,25 @@ class ServerProcess:
 
     @property
     def pid(self) -> int:
+        """The process id (also its process group id)."""
         return self.popen.pid
 
     def output(self) -> str:
+        """What the process has written to its log so far."""
         try:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
 
-    def wait_for(self, pattern: re.Pattern, timeout: float) -> re.Match:
+    def wait_for_file(self, path: Path, timeout: float) -> dict:
+        """The JSON object this process writes to `path` when ready; RuntimeError with its log's end when it
+        exits first or takes longer than `timeout` seconds. Remove a stale `path` before starting the process."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            match = pattern.search(self.output())
-            if match:
-                return match
+            try:  # written atomically: a file that exists is complete
+                return json.loads(path.read_text())
+            except FileNotFoundError:
+                pass
             if self.popen.poll() is not None:
                 break
             time.sleep(0.1)
@@ -115,7 +118,8 @@ class DmoeGroup:
     """`len(assignments)` dmoe peer processes in one DHT (the first peer's own node), peer i hosting
     `assignments[i]` (a pattern or comma list), each with `compute_threads` torch threads.
 
-    Peers run `python -m dmoe_cli peer --seed 0 --optimizer adam --lr 1e-3 --clip-grad-norm 1.0` plus `extra_args`.
+    Peers run `python -m dmoe_cli peer --seed 0 --optimizer adam --lr 1e-3 --clip-grad-norm 1.0` plus `extra_args`;
+    their endpoints (and the first peer's DHT multiaddr) come from their `--endpoint-file`s in `log_dir`.
     """
 
     def __init__(
@@ -164,13 +168,19 @@ class DmoeGroup:
             "127.0.0.1",
             "--port",
             "0",
+            "--endpoint-file",
+            str(self._endpoint_file(index)),
             *self.extra_args,
         ]
         if self.initial_peers:
             args += ["--initial-peers", *self.initial_peers]
         return args
 
+    def _endpoint_file(self, index: int) -> Path:
+        return self.log_dir / f"{self.name}-peer-{index}.endpoint.json"
+
     def _spawn(self, index: int) -> ServerProcess:
+        self._endpoint_file(index).unlink(missing_ok=True)
         return ServerProcess(
             f"{self.name}-peer-{index}",
             self._args(index),
@@ -180,20 +190,26 @@ class DmoeGroup:
         )
 
     def start(self, timeout: float = 120.0) -> DmoeGroup:
+        """Start the first peer (a new DHT), then the others joining it; return once every peer serves."""
         first = self._spawn(0)
         self.peers.append(first)
-        self.endpoints.append(first.wait_for(PEER_READY, timeout).group(1))
-        self.initial_peers = [first.wait_for(PEER_DHT, 10).group(1)]
+        info = first.wait_for_file(self._endpoint_file(0), timeout)
+        self.endpoints.append(info["endpoint"])
+        self.initial_peers = info["dht_maddrs"][:1]
         rest = [self._spawn(i) for i in range(1, len(self.assignments))]
         self.peers += rest
-        self.endpoints += [peer.wait_for(PEER_READY, timeout).group(1) for peer in rest]
+        self.endpoints += [
+            peer.wait_for_file(self._endpoint_file(i), timeout)["endpoint"] for i, peer in enumerate(rest, start=1)
+        ]
         return self
 
     @property
     def pids(self) -> list[int]:
+        """The peers' process ids."""
         return [peer.pid for peer in self.peers]
 
     def stop(self) -> None:
+        """Stop every peer at once (SIGTERM, then SIGKILL of each process group)."""
         threads = [threading.Thread(target=peer.stop) for peer in self.peers]
         for thread in threads:
             thread.start()
@@ -205,7 +221,8 @@ class HivemindServer:
     """A hivemind MoE server process (`python -m bench.hivemind_server`) hosting `groups` of experts.
 
     `groups` maps a uid prefix (``"ffn"``) to (number of experts, hidden dim); experts are dmoe's
-    `FeedForwardExpert`, seeded as a dmoe peer would seed them. `initial_peers` are its DHT's multiaddrs.
+    `FeedForwardExpert`, seeded as a dmoe peer would seed them. `initial_peers` are its DHT's multiaddrs, read
+    from the ready file the server writes (`--ready-file`).
     """
 
     def __init__(
@@ -218,6 +235,7 @@ class HivemindServer:
         log_dir: Path | None = None,
     ):
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="dmoe-bench-hivemind-"))
+        self.ready_file = self.log_dir / "hivemind-server.ready.json"
         spec = ",".join(f"{prefix}:{count}:{hidden}" for prefix, (count, hidden) in groups.items())
         args = [
             sys.executable,
@@ -231,8 +249,11 @@ class HivemindServer:
             device,
             "--handlers",
             str(handlers),
+            "--ready-file",
+            str(self.ready_file),
         ]
         self.args, self.threads = args, threads
+        self.ready_file.unlink(missing_ok=True)
         self.process = ServerProcess("hivemind-server", args, threads=threads, log_dir=self.log_dir)
         self.initial_peers: list[str] = []
         self.start_attempts = 1
@@ -242,7 +263,7 @@ class HivemindServer:
         and started again, up to `attempts` times."""
         while True:
             try:
-                self.initial_peers = self.process.wait_for(HIVEMIND_READY, timeout).group(1).split()
+                self.initial_peers = self.process.wait_for_file(self.ready_file, timeout)["initial_peers"]
                 return self
             except RuntimeError:
                 if self.start_attempts >= attempts:
@@ -250,13 +271,16 @@ class HivemindServer:
             self.process.stop(timeout=5)
             self.start_attempts += 1
             name = f"hivemind-server-{self.start_attempts}"
+            self.ready_file.unlink(missing_ok=True)
             self.process = ServerProcess(name, self.args, threads=self.threads, log_dir=self.log_dir)
 
     @property
     def pid(self) -> int:
+        """The server's process id."""
         return self.process.pid
 
     def stop(self) -> None:
+        """Stop the server process and its process group."""
         self.process.stop()
 
 

@@ -12,7 +12,7 @@ from collections.abc import Generator, Mapping, Sequence
 import numpy as np
 
 from dht.calls import RawRecords
-from dht.records import check_prefix_value, parse_subkey
+from dht.records import check_prefix_value, is_withdrawn, parse_subkey
 from dht.uids import UID_DELIMITER, split_uid
 
 BeamSearch = Generator[list[str], Mapping[str, RawRecords], list[list[str]]]
@@ -23,7 +23,7 @@ def active_coordinates(records: RawRecords, num_dims: int, grid_size: int) -> li
     coords = set()
     for subkey, (value, _expiration) in records.items():
         parsed = parse_subkey(subkey)
-        if parsed is None or parsed.coord is None or not 0 <= parsed.coord < grid_size:
+        if parsed is None or parsed.coord is None or not 0 <= parsed.coord < grid_size or is_withdrawn(value):
             continue
         if check_prefix_value(value, parsed.coord) is None and len(split_uid(value["uid"])[1]) == num_dims:
             coords.add(parsed.coord)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Awaitable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -25,19 +25,23 @@ from dht.records import (
     check_prefix_value,
     expert_subkey,
     grid_prefixes,
+    is_withdrawn,
     make_expert_value,
     make_prefix_value,
     owner_marker,
     parse_subkey,
     prefix_subkey,
+    withdrawn,
 )
 from dht.uids import UID_DELIMITER, grid_name, is_valid_uid, split_uid
 from dht.validation import signing_owner_marker
 
 logger = logging.getLogger(__name__)
 
-# An operation yields the DHT keys it needs next and receives their (unexpired) records; see `_drive`.
+# An operation yields the DHT keys it needs next and receives their (unexpired) records; see `_lookup_plan`.
 Operation = Generator[list[str], Mapping[str, RawRecords], Any]
+# A plan yields the calls it needs run in the DHT process, each with its timeout, and receives their results.
+Plan = Generator[tuple[partial, float], Any, Any]
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,8 @@ class ExpertDirectory:
     ``use_cache=False`` to go to the DHT regardless (the result still refreshes the cache).
 
     Every method has a `timeout` (default: the node's `call_timeout`) covering all of its DHT round trips,
-    and raises `DHTUnavailableError` when the DHT cannot answer in time. The ``a``-prefixed methods are the
-    same, awaitable without blocking the event loop.
+    and raises `DHTUnavailableError` when the DHT cannot answer in time. With ``return_future=True`` each
+    method returns an awaitable of the same result instead of blocking, for use from a running event loop.
 
     `rsa_key` must be the key the node signs with (``DHTNode(record_validators=make_record_validators(key))``);
     None takes the node's. A node without an `RSASignatureValidator` gives a read-only directory.
@@ -113,37 +117,42 @@ class ExpertDirectory:
         expert_cls: str = "",
         load: Mapping[str, Mapping] | None = None,
         timeout: float | None = None,
-    ) -> dict[str, bool]:
+        return_future: bool = False,
+    ) -> dict[str, bool] | Awaitable[dict[str, bool]]:
         """Announce that this peer serves `uids` at gRPC `endpoint` (``host:port``) for `expiration` seconds.
 
         `load` maps a uid to its figures ``{"queue_size": int, "tokens_per_second": float}`` (missing: zeros).
         Returns uid -> True if its record and all its prefix records were stored by at least one DHT node.
-        Raises ValueError for invalid uids, endpoint or figures, before touching the DHT.
+        Raises ValueError for invalid uids, endpoint or figures, before touching the DHT (also with
+        `return_future`).
         """
         request = self._declaration(uids, endpoint, expiration, expert_cls, load)
-        if request is None:
-            return {}
-        status = self.node.run(request.call, timeout=timeout)
-        return self._declared(request, status)
+        return self._execute(self._declare_plan(request, timeout), return_future)
 
-    async def adeclare(
+    def withdraw(
         self,
         uids: Sequence[str],
         endpoint: str,
         *,
         expiration: float = 60.0,
-        expert_cls: str = "",
-        load: Mapping[str, Mapping] | None = None,
         timeout: float | None = None,
-    ) -> dict[str, bool]:
-        """The same as `declare`, awaitable from a running event loop."""
-        request = self._declaration(uids, endpoint, expiration, expert_cls, load)
+        return_future: bool = False,
+    ) -> dict[str, bool] | Awaitable[dict[str, bool]]:
+        """Mark this peer's records of `uids` (and their prefix records) withdrawn, so readers skip them at once.
+
+        `expiration` must reach past the records' own expiry (a DHT node keeps the value that expires last);
+        the announcement period's expiration does. Returns uid -> True where every record was overwritten.
+        """
+        request = self._declaration(uids, endpoint, expiration, "", None, withdraw=True)
+        return self._execute(self._declare_plan(request, timeout), return_future)
+
+    def _declare_plan(self, request: _Declaration | None, timeout: float | None) -> Plan:
         if request is None:
             return {}
-        status = await self.node.arun(request.call, timeout=timeout)
+        status = yield request.call, self._timeout(timeout)
         return self._declared(request, status)
 
-    def _declaration(self, uids, endpoint, expiration, expert_cls, load) -> _Declaration | None:
+    def _declaration(self, uids, endpoint, expiration, expert_cls, load, withdraw=False) -> _Declaration | None:
         if isinstance(uids, str):
             raise TypeError("uids must be a sequence of uids, not a single string")
         if self._marker is None:
@@ -158,11 +167,13 @@ class ExpertDirectory:
             if not is_valid_uid(uid):
                 raise ValueError(f"invalid expert uid {uid!r}: expected e.g. 'ffn.3' or 'ffn.3.17'")
             subkey = expert_subkey(peer_id, self._marker)
-            records[uid, subkey] = make_expert_value(endpoint, peer_id, expert_cls, load.get(uid))
+            value = make_expert_value(endpoint, peer_id, expert_cls, load.get(uid))
+            records[uid, subkey] = withdrawn(value) if withdraw else value
             needs[uid] = [(uid, subkey)]
             for prefix, coord in grid_prefixes(uid):
                 prefix_record = (prefix, prefix_subkey(coord, peer_id, self._marker))
-                records.setdefault(prefix_record, make_prefix_value(uid))
+                prefix_value = make_prefix_value(uid)
+                records.setdefault(prefix_record, withdrawn(prefix_value) if withdraw else prefix_value)
                 needs[uid].append(prefix_record)
         if not records:
             return None
@@ -185,16 +196,15 @@ class ExpertDirectory:
     # ------------------------------------------------------------------ lookups
 
     def get(
-        self, uids: Sequence[str], *, use_cache: bool = True, timeout: float | None = None
-    ) -> dict[str, list[ExpertReplica]]:
+        self,
+        uids: Sequence[str],
+        *,
+        use_cache: bool = True,
+        timeout: float | None = None,
+        return_future: bool = False,
+    ) -> dict[str, list[ExpertReplica]] | Awaitable[dict[str, list[ExpertReplica]]]:
         """Every live replica of each uid (uid -> [] when none), ordered by peer id; see the class docstring."""
-        return self._drive(_get_operation(uids), use_cache, timeout)
-
-    async def aget(
-        self, uids: Sequence[str], *, use_cache: bool = True, timeout: float | None = None
-    ) -> dict[str, list[ExpertReplica]]:
-        """The same as `get`, awaitable from a running event loop."""
-        return await self._adrive(_get_operation(uids), use_cache, timeout)
+        return self._execute(self._lookup_plan(_get_operation(uids), use_cache, timeout), return_future)
 
     def find_best_experts(
         self,
@@ -205,7 +215,8 @@ class ExpertDirectory:
         beam_size: int | None = None,
         use_cache: bool = True,
         timeout: float | None = None,
-    ) -> list[list[str]]:
+        return_future: bool = False,
+    ) -> list[list[str]] | Awaitable[list[list[str]]]:
         """For each query, the `k` best live uids of grid `prefix` (``"ffn"``), best first.
 
         ``grid_scores[d]`` holds the scores of grid dimension ``d``, shape ``[num_queries, grid_size_d]`` (numpy
@@ -213,63 +224,48 @@ class ExpertDirectory:
         (default `k`) prefixes are kept per query and level; see `dht.beam_search.beam_search` for exactness.
         """
         operation = beam_search(grid_name(prefix), grid_scores, k, k if beam_size is None else beam_size)
-        return self._drive(operation, use_cache, timeout)
-
-    async def afind_best_experts(
-        self,
-        prefix: str,
-        grid_scores: Sequence[np.ndarray],
-        k: int,
-        *,
-        beam_size: int | None = None,
-        use_cache: bool = True,
-        timeout: float | None = None,
-    ) -> list[list[str]]:
-        """The same as `find_best_experts`, awaitable from a running event loop."""
-        operation = beam_search(grid_name(prefix), grid_scores, k, k if beam_size is None else beam_size)
-        return await self._adrive(operation, use_cache, timeout)
+        return self._execute(self._lookup_plan(operation, use_cache, timeout), return_future)
 
     def list_experts(
-        self, prefix: str, *, use_cache: bool = True, timeout: float | None = None
-    ) -> dict[str, list[ExpertReplica]]:
+        self, prefix: str, *, use_cache: bool = True, timeout: float | None = None, return_future: bool = False
+    ) -> dict[str, list[ExpertReplica]] | Awaitable[dict[str, list[ExpertReplica]]]:
         """Every live uid under grid `prefix` (``"ffn"``) with its replicas; one DHT round trip per level + 1."""
-        return self._drive(_list_operation(grid_name(prefix)), use_cache, timeout)
-
-    async def alist_experts(
-        self, prefix: str, *, use_cache: bool = True, timeout: float | None = None
-    ) -> dict[str, list[ExpertReplica]]:
-        """The same as `list_experts`, awaitable from a running event loop."""
-        return await self._adrive(_list_operation(grid_name(prefix)), use_cache, timeout)
+        operation = _list_operation(grid_name(prefix))
+        return self._execute(self._lookup_plan(operation, use_cache, timeout), return_future)
 
     # ------------------------------------------------------------------ drivers
 
-    def _drive(self, operation: Operation, use_cache: bool, timeout: float | None) -> Any:
-        """Run `operation` to completion, answering each of its key requests from the cache or the DHT."""
+    def _lookup_plan(self, operation: Operation, use_cache: bool, timeout: float | None) -> Plan:
+        """Answer each key request of `operation` from the cache, asking the DHT (a yielded call) for the misses."""
         deadline = time.monotonic() + self._timeout(timeout)
         try:
-            keys = next(operation)
+            request = operation.send(None)
             while True:
-                found, misses = self._from_cache(keys, use_cache)
+                found, misses = self._from_cache(request, use_cache)
                 if misses:
                     fetched_at = time.monotonic()
-                    call = partial(calls.get_records, keys=misses)
-                    found.update(self._fetched(self.node.run(call, timeout=_remaining(deadline)), fetched_at))
-                keys = operation.send(found)
+                    fetched = yield partial(calls.get_records, keys=misses), _remaining(deadline)
+                    found.update(self._fetched(fetched, fetched_at))
+                request = operation.send(found)
         except StopIteration as stop:
             return stop.value
 
-    async def _adrive(self, operation: Operation, use_cache: bool, timeout: float | None) -> Any:
-        """The same as `_drive`, awaiting the DHT instead of blocking."""
-        deadline = time.monotonic() + self._timeout(timeout)
+    def _execute(self, plan: Plan, return_future: bool) -> Any:
+        """Run `plan`, each DHT call it yields in the DHT process: blocking, or as an awaitable (`return_future`)."""
+        if return_future:
+            return self._execute_async(plan)
         try:
-            keys = next(operation)
+            call, timeout = next(plan)
             while True:
-                found, misses = self._from_cache(keys, use_cache)
-                if misses:
-                    fetched_at = time.monotonic()
-                    call = partial(calls.get_records, keys=misses)
-                    found.update(self._fetched(await self.node.arun(call, timeout=_remaining(deadline)), fetched_at))
-                keys = operation.send(found)
+                call, timeout = plan.send(self.node.run(call, timeout=timeout))
+        except StopIteration as stop:
+            return stop.value
+
+    async def _execute_async(self, plan: Plan) -> Any:
+        try:
+            call, timeout = next(plan)
+            while True:
+                call, timeout = plan.send(await self.node.arun(call, timeout=timeout))
         except StopIteration as stop:
             return stop.value
 
@@ -320,6 +316,8 @@ def parse_replicas(uid: str, records: RawRecords) -> list[ExpertReplica]:
         parsed = parse_subkey(subkey)
         if parsed is None or parsed.coord is not None or check_expert_value(value, parsed.peer_id) is not None:
             continue
+        if is_withdrawn(value):
+            continue
         replica = ExpertReplica(
             uid=uid,
             endpoint=value["endpoint"],
@@ -360,6 +358,8 @@ def _list_operation(name: str) -> Operation:
             for subkey, (value, _expiration) in found.get(prefix, {}).items():
                 parsed = parse_subkey(subkey)
                 if parsed is None or parsed.coord is None or check_prefix_value(value, parsed.coord) is not None:
+                    continue
+                if is_withdrawn(value):
                     continue
                 num_dims = len(split_uid(value["uid"])[1])
                 if num_dims == depth + 1:

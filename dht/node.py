@@ -7,6 +7,7 @@ import atexit
 import ipaddress
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -19,6 +20,7 @@ from typing import Any
 
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
+from hivemind.utils.multiaddr import Multiaddr
 
 from dht import calls
 from dht.process import DHTProcess, Outcome
@@ -86,6 +88,8 @@ class DHTNode:
         if start_attempts < 1:
             raise ValueError("start_attempts must be at least 1")
         self.initial_peers = [str(maddr) for maddr in initial_peers]
+        for maddr in self.initial_peers:
+            _check_initial_peer(maddr)
         self.host, self.announce_host, self.client_mode = host, announce_host, client_mode
         self.start_timeout, self.call_timeout = start_timeout, call_timeout
         self.record_validators = tuple(make_record_validators() if record_validators is None else record_validators)
@@ -102,7 +106,14 @@ class DHTNode:
             os.makedirs(os.path.dirname(self.identity_path), exist_ok=True)
             P2P.generate_identity(self.identity_path)
         with open(self.identity_path, "rb") as file:
-            self._peer_id = PeerID.from_identity(file.read()).to_base58()
+            identity = file.read()
+        try:
+            self._peer_id = PeerID.from_identity(identity).to_base58()
+        except Exception as exc:
+            raise ValueError(
+                f"{self.identity_path} is not a libp2p identity file ({exc}); give another path, or move this "
+                "file away and a new identity (a new peer id) is created there"
+            ) from None
 
         self._port_is_fixed = port != 0
         if announce_host is not None and port == 0:
@@ -355,7 +366,7 @@ class DHTNode:
 
     def _start_process(self, *, check_identity: bool) -> DHTProcess:
         """Start a DHT process, retrying up to `start_attempts` times; raises DHTUnavailableError if none start."""
-        errors = []
+        errors: list[str] = []
         for attempt in range(1, self._start_attempts + 1):
             # a port learned from an earlier start may have been taken meanwhile: the last try takes any port
             port = self._port if self._port_is_fixed or attempt < self._start_attempts else 0
@@ -369,6 +380,8 @@ class DHTNode:
                     if self._port:
                         logger.warning("DHT port changed from %d to %d after a restart", self._port, learned_port)
                     self._port = learned_port
+                if errors:
+                    logger.warning("the DHT process started after %d failed attempts: %s", len(errors), errors[-1])
                 logger.info(
                     "DHT process %s started in %.2f s (peer %s, %s)",
                     dht.pid,
@@ -379,12 +392,33 @@ class DHTNode:
                 return dht
             except Exception as exc:
                 self._stop_process(dht, graceful=False)
-                errors.append(f"attempt {attempt}: {exc}")
-                logger.warning("DHT process failed to start (attempt %d/%d): %s", attempt, self._start_attempts, exc)
+                errors.append(_daemon_message(exc))
+                logger.debug("DHT process failed to start (attempt %d/%d): %s", attempt, self._start_attempts, exc)
                 if self._closed:
                     break
                 time.sleep(0.2 * attempt)
-        raise DHTUnavailableError("the DHT process did not start: " + "; ".join(errors))
+        raise DHTUnavailableError(self._start_failure(errors))
+
+    def _start_failure(self, errors: list[str]) -> str:
+        """One sentence for failed starts: what failed and what to check, the daemon's words at the end."""
+        last = errors[-1] if errors else "no attempt was made"
+        attempts = f"{len(errors)} attempts" if len(errors) != 1 else "1 attempt"
+        if "failed to connect to bootstrap peers" in last:
+            return (
+                f"could not join the DHT: none of the initial peers answered ({' '.join(self.initial_peers)}); "
+                "check the addresses and that a DHT node (`dmoe dht` or a peer) is running there and reachable"
+            )
+        if "address already in use" in last:
+            return (
+                f"could not start the DHT node: port {self._port} on {self.host} is already in use; "
+                "choose another port (0 picks a free one) or stop the process that holds it"
+            )
+        if "failed to listen" in last:
+            return (
+                f"could not start the DHT node: cannot listen on {_maddr(self.host, self._port)}; "
+                f"check the host (an address of this machine) and port ({last})"
+            )
+        return f"the DHT process did not start ({attempts}): {last}"
 
     def _spawn(self, port: int, *, check_identity: bool) -> DHTProcess:
         options: dict[str, Any] = dict(
@@ -450,6 +484,23 @@ def _monitor(node_ref: weakref.ref, stop: threading.Event, period: float) -> Non
                 elif not dht.is_alive():
                     node._recover(dht, f"the DHT process died (exit code {dht.exitcode})")
         del node
+
+
+def _check_initial_peer(maddr: str) -> None:
+    """Raise ValueError naming `maddr` unless it is a multiaddr ending with a peer id, as the DHT needs."""
+    try:
+        Multiaddr(maddr).value_for_protocol("p2p")
+    except Exception as exc:
+        raise ValueError(
+            f"bad initial peer {maddr!r}: expected a multiaddr like /ip4/HOST/tcp/PORT/p2p/PEER_ID, "
+            f"as `dmoe dht` prints it ({exc})"
+        ) from None
+
+
+def _daemon_message(exc: BaseException) -> str:
+    """The text of a failed start without the daemon's own timestamp prefix."""
+    text = str(exc)
+    return re.sub(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", "", text)
 
 
 def _maddr(host: str, port: int) -> str:

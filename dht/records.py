@@ -17,6 +17,10 @@ Every dmoe record is one sub-key of a DHT dictionary key, and every sub-key carr
   entry and grid level instead of probing every uid. Their value names one uid below that coordinate.
 * All uids under one grid name must have the same number of coordinates (``ffn.3`` and ``ffn.3.17`` cannot
   coexist).
+* Withdrawal: a DHT node keeps, per sub-key, the value with the latest expiration, so a record cannot be
+  shortened or erased. A peer that stops cleanly overwrites its records with the same values plus
+  ``"withdrawn": true`` (and a later expiration); readers skip withdrawn records, and the peer's next
+  declaration, later still, replaces them again.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ _HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 
 EXPERT_FIELDS = ("endpoint", "peer_id", "expert_cls", "load")
 LOAD_FIELDS = ("queue_size", "tokens_per_second")
+WITHDRAWN = "withdrawn"
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,16 @@ def _clamp(figure: object, upper: float) -> float:
 def make_prefix_value(uid: str) -> dict:
     """Build the value of a prefix record (an example uid below that prefix)."""
     return {"uid": uid}
+
+
+def withdrawn(value: dict) -> dict:
+    """The record `value` marked as withdrawn (see the module docstring)."""
+    return {**value, WITHDRAWN: True}
+
+
+def is_withdrawn(value: object) -> bool:
+    """Whether a record value was withdrawn by its owner."""
+    return isinstance(value, dict) and value.get(WITHDRAWN) is True
 
 
 def check_endpoint(endpoint: object) -> str | None:

@@ -3,9 +3,10 @@
 `Chaos` SIGKILLs a random running peer of a `LocalSwarm` every `interval` seconds, like a machine that loses
 power: no goodbye, no last checkpoint, its DHT records left to expire. With `restart`, the killed peer is started
 again at once with the same arguments; it resumes its experts from the checkpoints they had on disk when it
-died. Each event is printed (and kept in `events`): a kill names the peer, its pid, its experts and the update
-counts their checkpoints hold; a restart names its new endpoint, how long it took and the update counts the
-peer says it resumed (from its log), so a resume that lost updates shows at once (`mismatches()`).
+died. Each event is printed (and kept in `events`, and with `events_file` appended to that file as a JSON line,
+see `ChaosEvent.record`): a kill names the peer, its pid, its experts and the update counts their checkpoints
+hold; a restart names its new endpoint, how long it took and the update counts the restarted peer resumed (read
+from its endpoint file, `LocalSwarm.peer_info`), so a resume that lost updates shows at once (`mismatches()`).
 
 A peer that is restarting is never picked; kills go on while others restart. Peers that exited by themselves
 are left to `dmoe swarm`'s own report.
@@ -13,20 +14,20 @@ are left to `dmoe swarm`'s own report.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from dmoe_cli.swarm import LocalSwarm, SwarmConfig, SwarmStartError
 
 logger = logging.getLogger(__name__)
-
-RESUMED = re.compile(r"resumed (\S+) from its checkpoint \((\d+) updates\)")
 
 
 @dataclass
@@ -50,6 +51,15 @@ class ChaosEvent:
     def resumed_as_checkpointed(self) -> bool:
         """For a restart: every expert resumed exactly the update count its checkpoint held at the kill."""
         return all(self.update_counts.get(uid, 0) == (count or 0) for uid, count in self.checkpointed.items())
+
+    def record(self) -> dict:
+        """The event as a JSON-ready dict: its fields, the uids as `experts`, and for a restart whether it
+        `resumed_as_checkpointed`. One line of `--chaos-events` (the update count keys are uids)."""
+        record = dataclasses.asdict(self)
+        record["experts"] = record.pop("uids")
+        if self.kind == "restart":
+            record["resumed_as_checkpointed"] = self.resumed_as_checkpointed
+        return record
 
     def describe(self) -> str:
         """One line for humans (and tests): what happened to which peer and its experts."""
@@ -77,6 +87,8 @@ class Chaos:
     `start()` begins (the first kill comes after one interval), `stop()` ends the kills, `join()` waits for
     restarts in progress (stop the swarm first to cut them short). `on_event(event)` is called for every
     event, from chaos's own threads (default: print it). `seed` makes the choice of peers reproducible.
+    With `events_file`, every event is also appended to that file as one JSON line (`ChaosEvent.record`), written
+    and flushed as it happens.
     """
 
     def __init__(
@@ -87,6 +99,7 @@ class Chaos:
         restart: bool = False,
         seed: int | None = None,
         on_event: Callable[[ChaosEvent], None] | None = print_event,
+        events_file: str | Path | None = None,
     ):
         if not interval > 0:
             raise ValueError(f"the chaos interval must be positive, got {interval}")
@@ -101,9 +114,14 @@ class Chaos:
         self._started = time.monotonic()
         self._thread: threading.Thread | None = None
         self._idle_reported = False
+        self.events_file = Path(events_file) if events_file is not None else None
+        self._events_out: IO[str] | None = None
 
     def start(self) -> Chaos:
         """Start killing peers, in a background thread."""
+        if self.events_file is not None and self._events_out is None:
+            self.events_file.parent.mkdir(parents=True, exist_ok=True)
+            self._events_out = open(self.events_file, "a")
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="dmoe-chaos", daemon=True)
         self._thread.start()
@@ -116,10 +134,15 @@ class Chaos:
             self._thread.join()
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait for restarts in progress (at most `timeout` seconds in all)."""
+        """Wait for restarts in progress (at most `timeout` seconds in all); closes the events file once they end."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in list(self._threads):
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if self._stopping.is_set() and not any(thread.is_alive() for thread in self._threads):
+            with self._lock:
+                if self._events_out is not None:
+                    self._events_out.close()
+                    self._events_out = None
 
     def __enter__(self) -> Chaos:
         return self.start()
@@ -163,6 +186,9 @@ class Chaos:
     def _emit(self, event: ChaosEvent) -> None:
         with self._lock:
             self.events.append(event)
+            if self._events_out is not None:
+                self._events_out.write(json.dumps(event.record()) + "\n")
+                self._events_out.flush()
         if self.on_event is not None:
             try:
                 self.on_event(event)
@@ -228,33 +254,31 @@ class Chaos:
 
     def _restart(self, kill: ChaosEvent) -> None:
         index, started = kill.peer, time.monotonic()
-        try:
-            self.swarm.restart_peer(index)
-        except (SwarmStartError, RuntimeError) as error:
-            if not self._stopping.is_set():
-                self._emit(ChaosEvent("restart-failed", index, self._now(), kill.uids, error=str(error)[:2000]))
-            return
+        try:  # the peer stays off the kill list until its restart event is out
+            try:
+                self.swarm.restart_peer(index)
+            except (SwarmStartError, RuntimeError) as error:
+                if not self._stopping.is_set():
+                    self._emit(ChaosEvent("restart-failed", index, self._now(), kill.uids, error=str(error)[:2000]))
+                return
+            info = self.swarm.peer_info[index] or {}
+            resumed = {uid: info.get("resumed", {}).get(uid) or 0 for uid in kill.uids}
+            self._emit(
+                ChaosEvent(
+                    "restart",
+                    index,
+                    self._now(),
+                    kill.uids,
+                    pid=info.get("pid"),
+                    endpoint=info.get("endpoint"),
+                    update_counts=resumed,
+                    checkpointed=dict(kill.update_counts),
+                    seconds=time.monotonic() - started,
+                )
+            )
         finally:
             with self._lock:
                 self._restarting.discard(index)
-        resumed = {uid: 0 for uid in kill.uids}
-        for uid, count in RESUMED.findall(self.swarm.peer_output(index)):
-            if uid in resumed:
-                resumed[uid] = int(count)
-        popen = self.swarm.peer_processes[index]
-        self._emit(
-            ChaosEvent(
-                "restart",
-                index,
-                self._now(),
-                kill.uids,
-                pid=popen.pid if popen else None,
-                endpoint=self.swarm.peer_endpoints[index],
-                update_counts=resumed,
-                checkpointed=dict(kill.update_counts),
-                seconds=time.monotonic() - started,
-            )
-        )
 
 
 def prepare_chaos(config: SwarmConfig, log_dir: Path) -> str:

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from dmoe_cli.config_args import add_config_arguments, config_from_args
 from dmoe_cli.logs import setup_logging
@@ -46,8 +45,10 @@ def _run_dht(args: argparse.Namespace) -> int:
     )
     try:
         maddrs = node.visible_maddrs()
-        if args.addr_file:
-            Path(args.addr_file).write_text("".join(f"{m}\n" for m in maddrs))
+        if args.addr_file:  # written atomically: a reader that sees the file sees every line
+            from peer import atomic_write_bytes  # imported after the DHT process is forked, like in a peer
+
+            atomic_write_bytes(args.addr_file, "".join(f"{m}\n" for m in maddrs).encode())
         print("DHT node running. Join it with:", flush=True)
         for maddr in maddrs:
             print(f"  --initial-peers {maddr}", flush=True)
@@ -101,6 +102,8 @@ def _run_status(args: argparse.Namespace) -> int:
     from dht import DHTNode, ExpertDirectory
 
     setup_logging(args.verbose)
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     with DHTNode(initial_peers=args.initial_peers, client_mode=True, call_timeout=args.timeout) as node:
         experts = ExpertDirectory(node).list_experts(args.prefix, timeout=args.timeout)
     now = get_dht_time()
@@ -166,13 +169,13 @@ def _add_infer_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_swarm_args(parser: argparse.ArgumentParser) -> None:
-    from dmoe_cli.swarm import add_swarm_arguments
+    from dmoe_cli.swarm_command import add_swarm_arguments
 
     add_swarm_arguments(parser)
 
 
 def _run_swarm(args: argparse.Namespace) -> int:
-    from dmoe_cli.swarm import run_swarm_command
+    from dmoe_cli.swarm_command import run_swarm_command
 
     return run_swarm_command(args)
 

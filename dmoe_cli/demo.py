@@ -3,37 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmoe_cli.config_args import add_config_arguments, config_from_args
+from dmoe_cli.config_args import add_config_arguments, config_from_args, nested_config
 from dmoe_cli.config_args import config_field as _opt
 from dmoe_cli.logs import setup_logging
+from dmoe_cli.training import InferConfig, TrainConfig, infer, train
+
+# What the demo sets on its training job itself, from the swarm it starts: no flags of `dmoe demo`.
+DEMO_SETS = ("initial_peers", "checkpoint", "resume", "sample_chars", "n_embd", "grid_size", "uid_prefix", "ffn")
 
 
 @dataclass
 class DemoConfig:
-    """What the demo runs: the swarm's shape and how long to train. Defaults finish in minutes on 2 cores."""
+    """What the demo runs: the swarm's shape and the training over it. Defaults finish in minutes on 2 cores.
+
+    `train` is the training job (`dmoe train`'s flags, but for those in `DEMO_SETS`): the demo trains longer by
+    default, evaluates and saves every 100 steps, and gives the client one torch thread (the peers get the
+    other cores). The model's width is `hidden_dim`, its expert grid the swarm's experts.
+    """
 
     peers: int = _opt(4, "peer processes in the local swarm")
     experts_per_peer: int = _opt(4, "experts hosted by each peer")
     replicas: int = _opt(2, "peers hosting each expert (so one peer can die without losing an expert)")
     hidden_dim: int = _opt(64, "width of the model and of every expert")
-    steps: int = _opt(600, "training steps")
-    batch_size: int = _opt(16, "sequences per step")
-    block_size: int = _opt(64, "bytes per sequence")
-    k_best: int = _opt(2, "experts each token is sent to")
     samples: int = _opt(3, "lines of text to sample at the end")
     workdir: str | None = _opt(None, "where the client checkpoint and logs go (default: a temporary directory)")
-    threads: int | None = _opt(1, "torch threads of the client process (the peers get the other cores)")
     chaos: bool = _opt(
         False,
         "chaos: SIGKILL a random peer every --chaos-kill-every seconds while training, and restart it "
         "from its checkpoints",
     )
     chaos_kill_every: float = _opt(10.0, "seconds between two kills in --chaos mode", metavar="SECONDS")
+    train: TrainConfig = nested_config(
+        TrainConfig, hidden=DEMO_SETS, steps=600, eval_every=100, save_every=100, threads=1
+    )
 
 
 def run_demo(config: DemoConfig, *, verbose: bool = False) -> int:
@@ -44,8 +52,9 @@ def run_demo(config: DemoConfig, *, verbose: bool = False) -> int:
     """
     from dmoe_cli.chaos import Chaos, prepare_chaos
     from dmoe_cli.swarm import LocalSwarm, SwarmConfig
-    from router_client.training import InferConfig, TrainConfig, infer, train
 
+    if config.train.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {config.train.steps}")
     workdir = Path(config.workdir or tempfile.mkdtemp(prefix="dmoe-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     swarm_config = SwarmConfig(
@@ -70,7 +79,8 @@ def run_demo(config: DemoConfig, *, verbose: bool = False) -> int:
             flush=True,
         )
         print(
-            f"== training a byte-level transformer on the Python standard library for {config.steps} steps", flush=True
+            f"== training a byte-level transformer on the Python standard library for {config.train.steps} steps",
+            flush=True,
         )
         chaos = None
         if config.chaos:
@@ -78,20 +88,13 @@ def run_demo(config: DemoConfig, *, verbose: bool = False) -> int:
             chaos = Chaos(
                 swarm, config.chaos_kill_every, restart=True, on_event=lambda e: print("   " + e.describe(), flush=True)
             )
-        train_config = TrainConfig(
+        train_config = dataclasses.replace(
+            config.train,
             initial_peers=swarm.initial_peers,
-            steps=config.steps,
-            batch_size=config.batch_size,
-            block_size=config.block_size,
-            n_embd=config.hidden_dim,
-            grid_size=[num_experts],
-            k_best=config.k_best,
             checkpoint=str(workdir / "client.pt"),
             resume=False,
-            eval_every=100,
-            save_every=100,
-            threads=config.threads,
             sample_chars=0,
+            model=dataclasses.replace(config.train.model, n_embd=config.hidden_dim, grid_size=(num_experts,)),
         )
         if chaos is None:
             summary = train(train_config, progress=True)
@@ -115,6 +118,7 @@ def run_demo(config: DemoConfig, *, verbose: bool = False) -> int:
                     max_new_tokens=120,
                     seed=index,
                     initial_peers=swarm.initial_peers,
+                    router=train_config.router,
                 )
             )
             line = ("def " + text).splitlines()[0] if text else "def "

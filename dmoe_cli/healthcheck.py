@@ -7,7 +7,7 @@
 A peer is healthy when the standard gRPC health service reports `dmoe.v1.ExpertService` as SERVING (a peer
 that is shutting down reports NOT_SERVING). A DHT node has no gRPC server, so `--tcp` only checks that its
 libp2p port accepts TCP connections. Exit code 0 when healthy, 1 otherwise, with one line saying why.
-Imports only grpc (no torch), so a check takes a fraction of a second.
+Imports only grpc and the torch-free `proto.contract`, so a check takes a fraction of a second.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import socket
 import sys
 
-EXPERT_SERVICE = "dmoe.v1.ExpertService"  # peer.servicer.SERVICE_NAME, without importing torch
+from proto.contract import SERVICE_NAME as EXPERT_SERVICE
 
 
 def default_target() -> str:

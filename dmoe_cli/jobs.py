@@ -11,8 +11,8 @@ from dmoe_cli.logs import setup_logging
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `dmoe train`: one per `TrainConfig` field."""
-    from router_client.training import TrainConfig
+    """Flags of `dmoe train`: one per field of `TrainConfig` and of its model and router configs."""
+    from dmoe_cli.training import TrainConfig
 
     add_config_arguments(parser, TrainConfig)
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -21,7 +21,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_train_command(args: argparse.Namespace) -> int:
     """Run `dmoe train`; prints a summary; exit code 130 when stopped by Ctrl-C (after saving)."""
-    from router_client.training import TrainConfig, train
+    from dmoe_cli.training import TrainConfig, train
 
     setup_logging(getattr(args, "verbose", False))
     config = config_from_args(TrainConfig, args)
@@ -50,15 +50,15 @@ def run_train_command(args: argparse.Namespace) -> int:
 
 
 def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `dmoe infer`: one per `InferConfig` field."""
-    from router_client.training import InferConfig
+    """Flags of `dmoe infer`: one per field of `InferConfig` and of its router config (backward knobs aside)."""
+    from dmoe_cli.training import InferConfig
 
     add_config_arguments(parser, InferConfig)
 
 
 def run_infer_command(args: argparse.Namespace) -> int:
     """Run `dmoe infer`: print the prompt and its sampled continuation."""
-    from router_client.training import InferConfig, infer
+    from dmoe_cli.training import InferConfig, infer
 
     setup_logging(getattr(args, "verbose", False))
     config = config_from_args(InferConfig, args)

@@ -1,20 +1,21 @@
-"""`dmoe swarm`: a whole local swarm (one DHT node and N peers) as real processes on 127.0.0.1.
+"""A whole local swarm (one DHT node and N peers) as real processes on 127.0.0.1: the library behind `dmoe swarm`.
 
 `LocalSwarm` starts `dmoe dht` and then N `dmoe peer` processes, each in its own process group, with
-their output in log files. It never leaves orphans: `stop()` ends every process group it created, and
-on Linux every child gets PR_SET_PDEATHSIG(SIGTERM), so the swarm's children shut down cleanly even
-when the swarm process itself is SIGKILLed.
+their output in log files. It learns that a process is ready from a file the process writes atomically (the DHT
+node's `--addr-file`, each peer's `--endpoint-file`), never from its output. It never leaves orphans: `stop()`
+ends every process group it created, and on Linux every child gets PR_SET_PDEATHSIG(SIGTERM), so the swarm's
+children shut down cleanly even when the swarm process itself is SIGKILLed. The command itself (flags, summary,
+chaos) is `dmoe_cli.swarm_command`.
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import ctypes
 import ctypes.util
+import json
 import logging
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -22,27 +23,20 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
-from dmoe_cli.config_args import add_config_arguments, config_from_args
 from dmoe_cli.config_args import config_field as _opt
-from dmoe_cli.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
-DHT_READY = "DHT node running"
-PEER_READY = re.compile(r"^peer serving .* at (\S+)\s*$", re.MULTILINE)
+_T = TypeVar("_T")
 LOG_TAIL_LINES = 60
 PEER_STOP_TIMEOUT = 20.0  # a peer finishes in-flight work (shutdown_grace, 10 s) and saves checkpoints
 DHT_STOP_TIMEOUT = 5.0
 KILL_WAIT = 5.0
-
-# How a Python program reaches the swarm.
-PYTHON_SNIPPET = """\
-    from router_client import RemoteMixtureOfExperts
-    moe = RemoteMixtureOfExperts({hidden}, ({count},), "{prefix}", k_best=2, initial_peers={initial_peers!r})"""
 
 
 @dataclass
@@ -77,6 +71,11 @@ class SwarmConfig:
         False, "chaos mode: restart each killed peer at once; it resumes its experts from their checkpoints"
     )
     chaos_seed: int | None = _opt(None, "chaos mode: seed for the choice of peers to kill (default: random)")
+    chaos_events: str | None = _opt(
+        None,
+        "chaos mode: append every kill and restart to this file as a JSON line (peer, pid, experts, update counts)",
+        metavar="FILE",
+    )
 
 
 class SwarmStartError(RuntimeError):
@@ -177,9 +176,11 @@ class _Process:
         return "\n".join(self.output().rstrip("\n").splitlines()[-lines:])
 
     def alive(self) -> bool:
+        """Whether the current run is still running."""
         return self.popen is not None and self.popen.poll() is None
 
     def signal(self, sig: int) -> None:
+        """Send `sig` to the process (not its group) while it runs."""
         if self.alive():
             try:
                 self.popen.send_signal(sig)
@@ -206,6 +207,7 @@ class _Process:
             return False
 
     def close_log(self) -> None:
+        """Close the log file the process writes to (the process keeps its own descriptor)."""
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -214,9 +216,11 @@ class _Process:
 class LocalSwarm:
     """A local swarm as processes: one `dmoe dht` bootstrap node and N `dmoe peer` processes on 127.0.0.1.
 
-    `start()` launches the DHT node, then all peers at once, and returns when each has printed its ready
-    line (SwarmStartError with the failing process's output otherwise; nothing is left running then).
-    Peer i hosts `assignments[i]` (see `assign_experts`); its output goes to `log_dir/peer-<i>.log`.
+    `start()` launches the DHT node, then all peers at once, and returns when each has written its ready file
+    (SwarmStartError with the failing process's output otherwise; nothing is left running then).
+    Peer i hosts `assignments[i]` (see `assign_experts`); its output goes to `log_dir/peer-<i>.log`, its
+    endpoint file (see `peer.PeerConfig.endpoint_file`) to `log_dir/peer-<i>.endpoint.json`, and what that file
+    said at its latest start is `peer_info[i]` (endpoint, pid, the update counts it resumed, ...).
     `kill_peer` and `restart_peer` let tests and chaos runs take peers down and up again; `stop()` ends
     everything. Use it as a context manager so that the swarm always stops.
 
@@ -232,6 +236,7 @@ class LocalSwarm:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.initial_peers: list[str] = []
         self.peer_endpoints: list[str | None] = [None] * config.peers
+        self.peer_info: list[dict | None] = [None] * config.peers
         self._dht: _Process | None = None
         self._peers: list[_Process] = []
         self._spawner: concurrent.futures.ThreadPoolExecutor | None = None
@@ -259,6 +264,10 @@ class LocalSwarm:
         """The log file of peer `index` (its restarts append to it)."""
         return self.log_dir / f"peer-{index}.log"
 
+    def peer_endpoint_file(self, index: int) -> Path:
+        """The endpoint file peer `index` writes once it serves (removed when it stops cleanly)."""
+        return self.log_dir / f"peer-{index}.endpoint.json"
+
     def peer_output(self, index: int) -> str:
         """What the current run of peer `index` has printed so far (since its last start or restart)."""
         return self._peers[index].output()
@@ -276,10 +285,13 @@ class LocalSwarm:
             try:
                 self._start_dht()
                 self._peers = [self._peer_process(i) for i in range(self.config.peers)]
-                for child in self._peers:
+                for index, child in enumerate(self._peers):
+                    self.peer_endpoint_file(index).unlink(missing_ok=True)
                     child.spawn(self._spawner, self._env)
-                endpoints = self._wait_ready(self._peers, PEER_READY, self.config.startup_timeout)
-                self.peer_endpoints = list(endpoints)
+                readers = [self._endpoint_reader(i) for i in range(len(self._peers))]
+                infos = self._wait_ready(self._peers, readers, self.config.startup_timeout)
+                self.peer_info = list(infos)
+                self.peer_endpoints = [info["endpoint"] for info in infos]
             except BaseException:
                 self.stop()
                 raise
@@ -303,8 +315,14 @@ class LocalSwarm:
         ]
         self._dht = _Process("DHT node", args, self.log_dir / "dht.log")
         self._dht.spawn(self._spawner, self._env)
-        self._wait_ready([self._dht], re.compile(f"^{DHT_READY}", re.MULTILINE), self.config.startup_timeout)
-        self.initial_peers = [line.strip() for line in addr_file.read_text().splitlines() if line.strip()]
+
+        def read_addrs(_child: _Process) -> list[str] | None:
+            try:  # the node writes the file atomically: once it exists, it is complete
+                return [line.strip() for line in addr_file.read_text().splitlines() if line.strip()]
+            except FileNotFoundError:
+                return None
+
+        (self.initial_peers,) = self._wait_ready([self._dht], [read_addrs], self.config.startup_timeout)
         if not self.initial_peers:
             raise SwarmStartError(f"the DHT node wrote no multiaddrs to {addr_file}")
         logger.info("DHT node ready at %s", self.initial_peers[0])
@@ -329,6 +347,8 @@ class LocalSwarm:
             "127.0.0.1",
             "--port",
             "0",
+            "--endpoint-file",
+            str(self.peer_endpoint_file(index)),
         ]
         if config.checkpoint_dir:
             args += ["--checkpoint-dir", str(self.peer_checkpoint_dir(index))]
@@ -337,17 +357,35 @@ class LocalSwarm:
         args += list(config.extra_peer_args)
         return _Process(f"peer {index}", args, self.peer_log(index))
 
-    def _wait_ready(self, children: list[_Process], ready: re.Pattern, timeout: float) -> list[str]:
-        """Wait until each child's output matches `ready`; returns the first group of each match (or '')."""
+    def _endpoint_reader(self, index: int) -> Callable[[_Process], dict | None]:
+        """Reads peer `index`'s endpoint file: its content once this run of the peer wrote it, else None."""
+        path = self.peer_endpoint_file(index)
+
+        def read(child: _Process) -> dict | None:
+            try:  # written atomically: a file that exists is complete
+                info = json.loads(path.read_text())
+            except FileNotFoundError:
+                return None
+            return info if child.popen is not None and info.get("pid") == child.popen.pid else None
+
+        return read
+
+    def _wait_ready(
+        self, children: list[_Process], readers: list[Callable[[_Process], _T | None]], timeout: float
+    ) -> list[_T]:
+        """Wait until `readers[i](children[i])` returns something other than None for every child; those results.
+
+        SwarmStartError, with the end of its output, for a child that exits first or is not ready within `timeout`.
+        """
         deadline = time.monotonic() + timeout
-        results: dict[int, str] = {}
+        results: dict[int, _T] = {}
         while True:
             for i, child in enumerate(children):
                 if i in results:
                     continue
-                match = ready.search(child.output())
-                if match:
-                    results[i] = match.group(1) if ready.groups else ""
+                result = readers[i](child)
+                if result is not None:
+                    results[i] = result
                 elif not child.alive():
                     code = child.popen.returncode if child.popen else None
                     raise SwarmStartError(
@@ -383,13 +421,15 @@ class LocalSwarm:
                 child.sweep()
                 child.reported_exit = True
                 self.peer_endpoints[index] = None
+                self.peer_info[index] = None
 
     def restart_peer(self, index: int) -> None:
         """Start peer `index` again with the same arguments (and checkpoint dir); it may get a new port.
 
         A peer still running is stopped first with SIGTERM. Returns once it is ready; `peer_endpoints[index]`
-        then holds its new endpoint. The swarm is not locked while the peer starts, so other peers can be
-        killed and restarted meanwhile (chaos mode does); SwarmStartError when it does not become ready.
+        then holds its new endpoint and `peer_info[index]` its endpoint file (with the update counts it resumed).
+        The swarm is not locked while the peer starts, so other peers can be killed and restarted meanwhile
+        (chaos mode does); SwarmStartError when it does not become ready.
         """
         with self._lock:
             if self._spawner is None:
@@ -398,9 +438,10 @@ class LocalSwarm:
             if child.alive():
                 self.kill_peer(index, signal.SIGTERM)
             child.sweep()
+            self.peer_endpoint_file(index).unlink(missing_ok=True)  # a SIGKILLed peer leaves its file behind
             child.spawn(self._spawner, self._env)
         try:
-            (endpoint,) = self._wait_ready([child], PEER_READY, self.config.startup_timeout)
+            (info,) = self._wait_ready([child], [self._endpoint_reader(index)], self.config.startup_timeout)
         except SwarmStartError:
             with self._lock:
                 child.sweep()
@@ -408,8 +449,8 @@ class LocalSwarm:
                 child.reported_exit = True
             raise
         with self._lock:
-            self.peer_endpoints[index] = endpoint
-        logger.info("%s restarted at %s", child.name, endpoint)
+            self.peer_endpoints[index], self.peer_info[index] = info["endpoint"], info
+        logger.info("%s restarted at %s", child.name, info["endpoint"])
 
     def stop(self) -> None:
         """SIGTERM every peer, then the DHT node; SIGKILL whatever is left after a bounded wait. Idempotent."""
@@ -437,8 +478,9 @@ class LocalSwarm:
         for child in children:
             child.sweep()
 
-    def _newly_exited(self) -> list[_Process]:
-        """Children that exited since the last call (and were not stopped on purpose)."""
+    def newly_exited(self) -> list[_Process]:
+        """Children that exited since the last call (and were not stopped on purpose); each has `name`,
+        `popen`, `log_path` and `tail(lines)` for a report."""
         with self._lock:
             exited = []
             for child in ([self._dht] if self._dht else []) + self._peers:
@@ -454,122 +496,3 @@ class LocalSwarm:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
-
-
-def _summary(swarm: LocalSwarm) -> str:
-    config = swarm.config
-    uids = swarm.uids
-    maddr = swarm.initial_peers[0]
-    replicas = f"{config.replicas} replica{'s' if config.replicas > 1 else ''} each"
-    lines = [
-        f"dmoe swarm: {config.peers} peers serving {len(uids)} experts ({uids[0]} … {uids[-1]}, "
-        f"{replicas}, {config.expert_cls}, hidden {config.hidden_dim})",
-        f"DHT node: {maddr}",
-    ]
-    for i, (endpoint, hosted, popen) in enumerate(
-        zip(swarm.peer_endpoints, swarm.assignments, swarm.peer_processes, strict=True)
-    ):
-        lines.append(f"  peer {i}  {endpoint:<21}  pid {popen.pid:<8} {' '.join(hosted)}")
-    lines += [
-        f"logs: {swarm.log_dir} (dht.log, peer-<i>.log)",
-        *([f"checkpoints: {config.checkpoint_dir}/peer-<i>"] if config.checkpoint_dir else []),
-        *([f"DHT multiaddrs written to {config.addr_file}"] if config.addr_file else []),
-        "",
-        "Connect to it:",
-        f"    dmoe status --initial-peers {maddr} --prefix {config.prefix}",
-        PYTHON_SNIPPET.format(initial_peers=[maddr], hidden=config.hidden_dim, count=len(uids), prefix=config.prefix),
-        "",
-        "Ctrl-C (or SIGTERM) stops the swarm.",
-    ]
-    return "\n".join(lines)
-
-
-def run_swarm(config: SwarmConfig, *, verbose: bool = False) -> int:
-    """Run a local swarm until SIGINT/SIGTERM: start it, print how to use it, report peers that die, stop it.
-
-    Returns the exit code: 0 after a clean stop, 1 when the swarm failed to start.
-    """
-    stopping = threading.Event()
-
-    def on_signal(signum, _frame) -> None:
-        if stopping.is_set():
-            print("already stopping; please wait", file=sys.stderr, flush=True)
-            return
-        stopping.set()
-        raise KeyboardInterrupt
-
-    from dmoe_cli.chaos import Chaos, prepare_chaos
-
-    swarm = LocalSwarm(config, verbose=verbose)
-    chaos_line = prepare_chaos(swarm.config, swarm.log_dir)  # ValueError for impossible settings, before anything runs
-    chaos: Chaos | None = None
-    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        print(f"starting a DHT node and {config.peers} peers (logs in {swarm.log_dir}) ...", flush=True)
-        if chaos_line:
-            print(chaos_line, flush=True)
-        try:
-            swarm.start()
-        except SwarmStartError as error:
-            print(f"the swarm failed to start: {error}", file=sys.stderr, flush=True)
-            return 1
-        if config.addr_file:
-            Path(config.addr_file).write_text("".join(f"{m}\n" for m in swarm.initial_peers))
-        print(_summary(swarm), flush=True)
-        if config.chaos_kill_every:
-            chaos = Chaos(swarm, config.chaos_kill_every, restart=config.chaos_restart, seed=config.chaos_seed)
-            chaos.start()
-        while not stopping.wait(1.0):
-            for child in swarm._newly_exited():
-                print(
-                    f"{child.name} (pid {child.popen.pid}) exited unexpectedly with code {child.popen.returncode}; "
-                    f"not restarting it. The end of its log ({child.log_path}):\n{child.tail(20)}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stopping.set()
-        if chaos is not None:
-            chaos.stop()
-        print("stopping the swarm ...", flush=True)
-        swarm.stop()
-        if chaos is not None:
-            chaos.join(10.0)
-            print(chaos.summary(), flush=True)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    print("swarm stopped", flush=True)
-    return 0
-
-
-def add_swarm_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `dmoe swarm`: one per SwarmConfig field, and `dmoe peer` flags after `--`."""
-    add_config_arguments(parser, SwarmConfig)
-    parser.add_argument(
-        "peer_args",
-        nargs="*",
-        metavar="-- PEER_FLAGS",
-        help="flags passed to every `dmoe peer`, after `--` (e.g. `-- --lr 0.01 --optimizer sgd`)",
-    )
-
-
-def run_swarm_command(args: argparse.Namespace) -> int:
-    """`dmoe swarm`: run a local swarm until Ctrl-C."""
-    setup_logging(args.verbose)
-    config = config_from_args(SwarmConfig, args)
-    config.extra_peer_args = [*config.extra_peer_args, *getattr(args, "peer_args", [])]
-    return run_swarm(config, verbose=args.verbose)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m dmoe_cli.swarm`: the same as `dmoe swarm`."""
-    parser = argparse.ArgumentParser(prog="dmoe swarm", description="run a whole local swarm as processes")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_swarm_arguments(parser)
-    return run_swarm_command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

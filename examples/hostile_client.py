@@ -15,8 +15,17 @@ import sys
 import grpc
 import torch
 
-from proto import deserialize_tensor, expert_pb2, serialize_tensor
-from proto.dmoe.v1 import tensor_pb2
+from proto import (
+    SWARM_KEY_METADATA,
+    Method,
+    decode_info_response,
+    decode_response,
+    encode_info_request,
+    encode_request,
+    expert_pb2,
+    serialize_tensor,
+    tensor_pb2,
+)
 
 
 def main() -> int:
@@ -27,37 +36,41 @@ def main() -> int:
     parser.add_argument("--hidden-dim", type=int, default=64)
     parser.add_argument("--swarm-key", default=None)
     args = parser.parse_args()
-    metadata = (("dmoe-swarm-key", args.swarm_key),) if args.swarm_key else None
+    metadata = ((SWARM_KEY_METADATA, args.swarm_key),) if args.swarm_key else None
     channel = grpc.insecure_channel(args.endpoint)
-    call = {m: channel.unary_unary(f"/dmoe.v1.ExpertService/{m}") for m in ("Forward", "Backward", "Info")}
+    call = {m: channel.unary_unary(m.path) for m in (Method.FORWARD, Method.BACKWARD, Method.INFO)}
 
-    def send(method: str, payload: bytes) -> tuple[grpc.StatusCode, bytes | str]:
+    def send(method: Method, payload: bytes) -> tuple[grpc.StatusCode, bytes | str]:
         try:
             return grpc.StatusCode.OK, call[method](payload, timeout=10, metadata=metadata)
         except grpc.RpcError as exc:
             return exc.code(), exc.details()
 
-    def request(*tensors) -> bytes:
+    def request(*tensors: tensor_pb2.Tensor) -> bytes:  # tensors no encoder would make: built by hand
         return expert_pb2.ExpertRequest(uid=args.uid, tensors=list(tensors)).SerializeToString()
+
+    def update_count() -> int:
+        experts, _ = decode_info_response(send(Method.INFO, encode_info_request(args.uid))[1])
+        return experts[0].update_count
 
     hidden = args.hidden_dim
     x = torch.randn(4, hidden, generator=torch.Generator().manual_seed(0))
-    info = expert_pb2.InfoRequest(uid=args.uid).SerializeToString()
-    code, raw = send("Forward", request(serialize_tensor(x)))
+    good = encode_request(args.uid, [x])
+    code, raw = send(Method.FORWARD, good)
     if code != grpc.StatusCode.OK:
         print(f"the peer does not answer a good Forward: {code.name} {raw}")
         return 1
-    before = deserialize_tensor(expert_pb2.ExpertResponse.FromString(raw).tensors[0])
-    updates_before = expert_pb2.InfoResponse.FromString(send("Info", info)[1]).experts[0].update_count
+    (before,) = decode_response(raw)
+    updates_before = update_count()
 
     huge = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[3 * 2**30 // (4 * hidden), hidden], buffer=b"")
     mismatch = serialize_tensor(x)
     mismatch.shape[0] = 5
     hostile = {
-        "3 GB declared shape": ("Forward", request(huge)),
-        "shape/size mismatch": ("Forward", request(mismatch)),
-        "garbage bytes": ("Forward", bytes(range(256)) * 4),
-        "NaN gradient": ("Backward", request(serialize_tensor(x), serialize_tensor(torch.full_like(x, float("nan"))))),
+        "3 GB declared shape": (Method.FORWARD, request(huge)),
+        "shape/size mismatch": (Method.FORWARD, request(mismatch)),
+        "garbage bytes": (Method.FORWARD, bytes(range(256)) * 4),
+        "NaN gradient": (Method.BACKWARD, encode_request(args.uid, [x, torch.full_like(x, float("nan"))])),
     }
     ok = True
     for name, (method, payload) in hostile.items():
@@ -65,11 +78,9 @@ def main() -> int:
         print(f"{name:22s} -> {code.name}: {details if code != grpc.StatusCode.OK else 'answered (update skipped)'}")
         ok &= code != grpc.StatusCode.UNKNOWN and code != grpc.StatusCode.INTERNAL
 
-    code, raw = send("Forward", request(serialize_tensor(x)))
-    after = (
-        deserialize_tensor(expert_pb2.ExpertResponse.FromString(raw).tensors[0]) if code == grpc.StatusCode.OK else None
-    )
-    updates_after = expert_pb2.InfoResponse.FromString(send("Info", info)[1]).experts[0].update_count
+    code, raw = send(Method.FORWARD, good)
+    after = decode_response(raw)[0] if code == grpc.StatusCode.OK else None
+    updates_after = update_count()
     same = after is not None and torch.equal(before, after) and updates_after == updates_before
     print(
         f"next good Forward      -> {code.name}; weights unchanged: {same} "

@@ -4,6 +4,8 @@
     python examples/train_over_swarm.py --initial-peers $(head -1 dht.txt) --steps 50
 
 Prints one line per step with its loss and duration; kill a peer meanwhile and watch training go on.
+With --json each step line is a JSON record instead: {"step", "loss", "seconds", "masked_tokens"} (tokens that
+got no expert answer so far). The last line is always a JSON summary of the run.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main() -> None:
     parser.add_argument("--hidden-dim", type=int, default=64)
     parser.add_argument("--forward-timeout", type=float, default=3.0)
     parser.add_argument("--backward-timeout", type=float, default=3.0)
+    parser.add_argument("--json", action="store_true", help="print each step as a JSON record")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -53,7 +56,16 @@ def main() -> None:
         optimizer.step()
         step_times.append(time.monotonic() - started)
         losses.append(loss.item())
-        print(f"step {step:3d} loss {loss.item():.4f} took {step_times[-1]:.3f} s", flush=True)
+        if args.json:
+            record = {
+                "step": step,
+                "loss": losses[-1],
+                "seconds": step_times[-1],
+                "masked_tokens": moe.stats.get("masked_tokens", 0),
+            }
+            print(json.dumps(record), flush=True)
+        else:
+            print(f"step {step:3d} loss {losses[-1]:.4f} took {step_times[-1]:.3f} s", flush=True)
     summary = {
         "steps": args.steps,
         "first_loss": losses[0],

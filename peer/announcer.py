@@ -39,13 +39,14 @@ class Announcer:
 
     async def announce_once(self) -> bool:
         """Declare every hosted expert now; True when all records were stored."""
-        stored = await self.directory.adeclare(
+        stored = await self.directory.declare(
             self.uids,
             self.endpoint,
             expiration=self.expiration,
             expert_cls=self.expert_cls,
             load=self.load_fn(),
             timeout=min(self.update_period, 30.0),
+            return_future=True,
         )
         failed = [uid for uid, ok in stored.items() if not ok]
         if failed:

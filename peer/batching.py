@@ -16,7 +16,7 @@ from peer.compute import INLINE_MAX_SECONDS, ComputeRunner
 logger = logging.getLogger(__name__)
 
 ComputeFn = Callable[[list[torch.Tensor], int], list[torch.Tensor]]
-"""Computes one batch: `(inputs, tag)`, where `tag` is the request's tag when the batch holds one request, else 0."""
+"""Computes one batch: `(inputs, forward_id)`; `forward_id` is its request's when the batch holds one, else 0."""
 
 
 class QueueFullError(Exception):
@@ -33,7 +33,7 @@ class _Task:
     num_tokens: int
     deadline: float | None
     future: asyncio.Future = field(repr=False)
-    tag: int = 0
+    forward_id: int = 0
 
 
 @dataclass
@@ -113,13 +113,13 @@ class BatchingQueue:
                 task.future.cancel()
 
     async def submit(
-        self, tensors: Sequence[torch.Tensor], deadline: float | None = None, *, tag: int = 0
+        self, tensors: Sequence[torch.Tensor], deadline: float | None = None, *, forward_id: int = 0
     ) -> list[torch.Tensor]:
-        """Queue one request and wait for its outputs; `tag` reaches `compute_fn` when the request is computed alone."""
+        """Queue one request and wait for its outputs; `forward_id` reaches `compute_fn` if it is computed alone."""
         if len(self._pending) >= self.max_queue_size:
             raise QueueFullError(f"expert {self.name} has {len(self._pending)} requests waiting (the limit)")
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Task(list(tensors), int(tensors[0].shape[0]), deadline, future, tag))
+        self._pending.append(_Task(list(tensors), int(tensors[0].shape[0]), deadline, future, forward_id))
         self._wakeup.set()
         return await future
 
@@ -153,13 +153,13 @@ class BatchingQueue:
             if not batch:
                 continue
             inputs = _concat([task.tensors for task in batch])
-            tag = batch[0].tag if len(batch) == 1 else 0
+            forward_id = batch[0].forward_id if len(batch) == 1 else 0
             num_tokens = sum(task.num_tokens for task in batch)
             last = self._last_batch
             inline = last is not None and last[1] <= INLINE_MAX_SECONDS and num_tokens <= last[0]
             started = time.perf_counter()
             try:
-                outputs = await self.runner.run(self.compute_fn, inputs, tag, inline=inline)
+                outputs = await self.runner.run(self.compute_fn, inputs, forward_id, inline=inline)
             except asyncio.CancelledError:
                 for task in batch:
                     task.future.cancel()

@@ -5,6 +5,8 @@ Layout in the checkpoint directory, per expert uid:
     <uid>.prev.ckpt  the one before it, used when the latest is corrupt or truncated
 A file is a magic line, the SHA-256 of the payload, and the payload (`torch.save` of the expert's state,
 loaded back with `weights_only=True`), so corruption anywhere is detected, never loaded silently.
+
+`atomic_write_bytes` is the one atomic file write dmoe has; the peer's endpoint file uses it too.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import io
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,6 +35,35 @@ def checkpoint_path(directory: str | Path, uid: str, *, previous: bool = False) 
     return Path(directory) / (f"{uid}.prev.ckpt" if previous else f"{uid}.ckpt")
 
 
+def atomic_write_bytes(
+    path: str | Path, data: bytes | memoryview | Sequence[bytes | memoryview], *, previous: str | Path | None = None
+) -> Path:
+    """Replace `path` with `data` atomically: a reader sees the old file or the new one, never half of either.
+
+    The data goes to a temporary file in the same directory, is fsynced, and is renamed over `path`; the
+    directory is fsynced too, so the new file survives a power cut. `data` is bytes or a sequence of byte
+    pieces written in order (no copy is made to join them). With `previous`, an existing `path` is moved
+    there just before the new file takes its place, so one good version is on disk at every moment.
+    """
+    path = Path(path)
+    pieces = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            for piece in pieces:
+                file.write(piece)
+            file.flush()
+            os.fsync(file.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
 def save_checkpoint(directory: str | Path, uid: str, state: dict) -> Path:
     """Write `state` atomically as the latest checkpoint of `uid`; the old latest becomes the previous one."""
     directory = Path(directory)
@@ -40,18 +72,7 @@ def save_checkpoint(directory: str | Path, uid: str, state: dict) -> Path:
     torch.save(state, buffer)
     payload = buffer.getbuffer()
     latest, previous = checkpoint_path(directory, uid), checkpoint_path(directory, uid, previous=True)
-    temporary = latest.with_name(f".{latest.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as file:
-        file.write(MAGIC)
-        file.write(hashlib.sha256(payload).digest())
-        file.write(payload)
-        file.flush()
-        os.fsync(file.fileno())
-    if latest.exists():
-        os.replace(latest, previous)
-    os.replace(temporary, latest)
-    _fsync_directory(directory)
-    return latest
+    return atomic_write_bytes(latest, (MAGIC, hashlib.sha256(payload).digest(), payload), previous=previous)
 
 
 def read_checkpoint_file(path: str | Path) -> dict:

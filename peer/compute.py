@@ -19,8 +19,8 @@ class ComputeRunner:
 
     Work goes to a single compute thread, so the event loop stays free for I/O. Work the caller expects to be
     short (`inline=True`: under `INLINE_MAX_SECONDS`) runs right on the event loop when the compute thread is
-    idle: the two thread hops it saves cost more than such work itself (measured: about 0.1 ms per request
-    for tiny experts). A lock keeps the two places from ever computing at the same time.
+    idle: the two thread hops it saves cost more than such work itself (see bench/NOTES.md). A lock keeps the
+    two places from ever computing at the same time.
     """
 
     def __init__(self):

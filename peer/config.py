@@ -15,6 +15,10 @@ class PeerConfig:
 
     Every field is also a `dmoe peer` flag (`--hidden-dim` for `hidden_dim`) and an environment variable
     (`DMOE_HIDDEN_DIM`); a flag wins over the variable, the variable over the default.
+
+    `endpoint_file` is how other processes (`dmoe swarm`, the benchmarks, the tests) learn that the peer serves,
+    where, and what it resumed: a JSON object written once the gRPC port serves and, when announcing, after the
+    first announcement; its keys are listed in the field's help.
     """
 
     experts: str = _opt("", "experts to host: a pattern like 'ffn.[0:4]' or 'ffn.[0:4].[0:8]', or a list 'ffn.0,ffn.3'")
@@ -47,6 +51,13 @@ class PeerConfig:
     expiration: float = _opt(60.0, "seconds a DHT record of this peer stays valid without renewal")
     checkpoint_dir: str | None = _opt(None, "directory for expert checkpoints; resumed from on start")
     checkpoint_every: float = _opt(60.0, "seconds between periodic checkpoints (also saved on SIGTERM/SIGINT)")
+    endpoint_file: str | None = _opt(
+        None,
+        "when serving, write a JSON file here (atomically) that other processes read instead of this peer's "
+        "output; removed on a clean stop. Keys: endpoint (host:port), port, pid, peer_id and dht_maddrs "
+        "(empty without a DHT), experts (the hosted uids), update_counts (uid: updates at start) and "
+        "resumed (uid: the update count its checkpoint held, null when it started afresh)",
+    )
     identity: str | None = _opt(None, "file with this peer's signing key (created if missing); keeps record ownership")
     compute_threads: int | None = _opt(None, "torch intra-op threads for compute (default: torch's choice)")
     shutdown_grace: float = _opt(10.0, "seconds to finish in-flight requests on shutdown")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
 import socket
 import sys
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -20,7 +23,7 @@ from dht import DHTNode, ExpertDirectory, load_or_create_rsa_key, make_record_va
 from peer.announcer import Announcer
 from peer.backend import ExpertBackend
 from peer.batching import BatchingQueue
-from peer.checkpoints import load_checkpoint, save_checkpoint
+from peer.checkpoints import atomic_write_bytes, load_checkpoint, save_checkpoint
 from peer.compute import ComputeRunner
 from peer.config import PeerConfig
 from peer.experts import get_expert_class, load_custom_module
@@ -39,8 +42,8 @@ def shorten_gil_switch_interval() -> None:
     """Lower CPython's GIL switch interval to `GIL_SWITCH_INTERVAL` unless it is already lower.
 
     The compute thread releases the GIL inside each torch op and must win it back between ops, while the
-    event loop and gRPC threads hold it in short bursts; at the default 5 ms it often waited that long (measured:
-    the second of two 16-token forwards at hidden 1024 took 9.2 ms on the peer instead of 4.9 ms).
+    event loop and gRPC threads hold it in short bursts; at the default interval it often waited that long
+    (bench/NOTES.md has the figures).
     """
     if sys.getswitchinterval() > GIL_SWITCH_INTERVAL:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
@@ -51,9 +54,11 @@ class Peer:
 
     Lifecycle: `await peer.start()` builds the experts (resuming them from `checkpoint_dir` when it holds
     checkpoints), starts the gRPC server (with the standard health and reflection services), joins the DHT
-    and starts announcing; `await peer.stop()` refuses new work, finishes what is in flight, stops
-    renewing the records, saves a last checkpoint and leaves the DHT. `run_peer(config)` does both around
-    SIGINT/SIGTERM. With `announce=False` the peer serves gRPC only (no DHT), for tests and benchmarks.
+    and starts announcing, and then writes `config.endpoint_file` when one is set; `await peer.stop()` removes
+    that file, refuses new work, finishes what is in flight, stops renewing the records, saves a last
+    checkpoint and leaves the DHT. `run_peer(config)` does both around SIGINT/SIGTERM. With `announce=False`
+    the peer serves gRPC only (no DHT), for tests and benchmarks. `resumed` maps each uid to the update count
+    its checkpoint held at start (None: it started afresh).
     """
 
     def __init__(self, config: PeerConfig, *, announce: bool = True):
@@ -75,6 +80,7 @@ class Peer:
         self.graphs = ForwardGraphStore(max(0, config.forward_cache_mb) << 20)
         self._background: list[asyncio.Task] = []
         self._saved_update_count: dict[str, int | None] = {}
+        self.resumed: dict[str, int | None] = {}
         self._stopped = asyncio.Event()
         self._stopping = False
 
@@ -146,6 +152,8 @@ class Peer:
             await self._start_announcer()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if config.endpoint_file:
+            await self._write_endpoint_file(config.endpoint_file)
         logger.info("serving %d experts at %s", len(self.uids), self.endpoint)
 
     def _build_expert(self, uid: str) -> HostedExpert:
@@ -163,12 +171,12 @@ class Peer:
             seed=seed,
             graphs=self.graphs,
         )
-        self._saved_update_count[uid] = None
+        self._saved_update_count[uid] = self.resumed[uid] = None
         if config.checkpoint_dir:
             state = load_checkpoint(config.checkpoint_dir, uid)
             if state is not None:
                 backend.load_state_dict(state)
-                self._saved_update_count[uid] = backend.update_count
+                self._saved_update_count[uid] = self.resumed[uid] = backend.update_count
                 logger.info("resumed %s from its checkpoint (%d updates)", uid, backend.update_count)
 
         def backward(tensors, forward_id, backend=backend):
@@ -213,6 +221,24 @@ class Peer:
         await announcer.announce_once()
         self._background.append(asyncio.create_task(announcer.run(), name="announcer"))
 
+    def endpoint_info(self, dht_maddrs: Sequence[str] = ()) -> dict:
+        """The endpoint file's content (its keys are described at `PeerConfig.endpoint_file`)."""
+        return {
+            "endpoint": self.endpoint,
+            "port": self.port,
+            "pid": os.getpid(),
+            "peer_id": self.dht_node.peer_id if self.dht_node is not None else "",
+            "dht_maddrs": list(dht_maddrs),
+            "experts": list(self.uids),
+            "update_counts": {uid: backend.update_count for uid, backend in self.backends.items()},
+            "resumed": dict(self.resumed),
+        }
+
+    async def _write_endpoint_file(self, path: str) -> None:
+        maddrs = await asyncio.to_thread(self.dht_node.visible_maddrs) if self.dht_node is not None else []
+        data = json.dumps(self.endpoint_info(maddrs), indent=1).encode() + b"\n"
+        await asyncio.to_thread(atomic_write_bytes, path, data)
+
     def _load_figures(self) -> dict[str, dict]:
         return {
             uid: {"queue_size": expert.queue_size, "tokens_per_second": round(expert.tokens_per_second, 1)}
@@ -252,6 +278,8 @@ class Peer:
         self._stopping = True
         started = time.monotonic()
         try:
+            if self.config.endpoint_file:
+                Path(self.config.endpoint_file).unlink(missing_ok=True)
             if self.servicer is not None:
                 self.servicer.closing = True
             if self._health is not None:

@@ -1,7 +1,8 @@
 """Who may call a peer, and how much: the swarm key, TLS credentials and per-client limits.
 
-- Swarm key: every call must carry the metadata `dmoe-swarm-key` equal to the peer's key (compared in
-  constant time); otherwise UNAUTHENTICATED. The health service stays open so orchestrators can probe.
+- Swarm key: every call must carry the metadata `proto.SWARM_KEY_METADATA` (``dmoe-swarm-key``) equal to the
+  peer's key (compared in constant time); otherwise UNAUTHENTICATED. The services of `proto.OPEN_SERVICES`
+  (the health service) stay open so orchestrators can probe.
 - TLS: `server_credentials(cert, key, ca)`; with a CA, clients must present a certificate it signed (mTLS).
 - Per-client limits (`ClientLimiter`): concurrent requests and a token-bucket request rate per client,
   so that a flood from one client cannot starve the others (RESOURCE_EXHAUSTED when exceeded).
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import grpc
 
-SWARM_KEY_METADATA = "dmoe-swarm-key"
-CLIENT_ID_METADATA = "dmoe-client-id"
-OPEN_SERVICES = ("/grpc.health.v1.Health/",)
+from proto.contract import CLIENT_ID_METADATA, OPEN_SERVICES, SWARM_KEY_METADATA, Method
+
+_REFUSAL = f"missing or wrong swarm key ({SWARM_KEY_METADATA})"
 
 
 def resolve_swarm_key(key: str | None) -> str | None:
@@ -34,11 +35,12 @@ class SwarmKeyInterceptor(grpc.aio.ServerInterceptor):
         self._expected = swarm_key.encode()
 
         async def refuse(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong swarm key (dmoe-swarm-key)")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, _REFUSAL)
 
         self._refusals = {
             "unary_unary": grpc.unary_unary_rpc_method_handler(refuse),
             "stream_stream": grpc.stream_stream_rpc_method_handler(_refuse_stream),
+            "unary_stream": grpc.unary_stream_rpc_method_handler(_refuse_stream),
         }
 
     async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails):
@@ -52,11 +54,14 @@ class SwarmKeyInterceptor(grpc.aio.ServerInterceptor):
                 if hmac.compare_digest(given, self._expected):
                     return await continuation(handler_call_details)
                 break
-        return self._refusals["stream_stream" if method.endswith("Stream") else "unary_unary"]
+        known = Method.from_path(method)
+        if known is not None and known.streaming:
+            return self._refusals["stream_stream"]
+        return self._refusals["unary_stream" if known is not None and known.streams_answers else "unary_unary"]
 
 
 async def _refuse_stream(requests, context):
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong swarm key (dmoe-swarm-key)")
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _REFUSAL)
     yield b""  # pragma: no cover - abort raises
 
 
@@ -73,7 +78,7 @@ def server_credentials(cert: str, key: str, ca: str | None = None) -> grpc.Serve
 class ClientLimiter:
     """Per-client admission, so that a flood from one client cannot starve the others.
 
-    A client is its address (from `context.peer()`, port excluded) plus the `dmoe-client-id` it announces
+    A client is its address (from `context.peer()`, port excluded) plus the `CLIENT_ID_METADATA` it announces
     (one random id per router process). Each client may have `max_concurrent` requests in flight and send
     `rate` requests/s (token bucket, burst `2·rate`; 0 disables it); one address altogether may have
     `4 · max_concurrent` in flight, so inventing ids buys little. Refusals become RESOURCE_EXHAUSTED.

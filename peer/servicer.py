@@ -6,30 +6,44 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import torch
-from google.protobuf.message import DecodeError
 
 from peer.backend import ArgSpec, ExpertBackend
 from peer.batching import BatchingQueue, DeadlineExpiredError, QueueFullError
+from peer.replica_state import ExpertState
 from peer.security import ClientLimiter
 from proto import (
+    DEFAULT_DEADLINE,
+    SERVICE_NAME,
+    SUPPORTED_DTYPES,
+    ExpertStatus,
+    Method,
+    Part,
+    PartFailure,
+    StreamedRequest,
     TensorDecodeError,
-    expert_pb2,
-    iter_tensors_from_chunks,
-    serialize_tensor,
-    split_tensor,
+    TensorSpec,
+    WireRequest,
+    decode_batch_request,
+    decode_info_request,
+    decode_request,
+    decode_state_request,
+    decode_tensor,
+    encode_batch_response,
+    encode_info_response,
+    encode_response,
+    encode_state,
+    encode_stream_response,
+    stream_chunk_bytes,
+    tensor_pb2,
 )
-from proto.codec import SUPPORTED_DTYPES
-from proto.wire import decode_request, decode_tensor, encode_response
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = "dmoe.v1.ExpertService"
-DEFAULT_DEADLINE = 120.0  # seconds given to a call that arrives without a deadline
-MAX_BATCH_PARTS = 256  # most expert requests in one ForwardMany/BackwardMany
+__all__ = ["SERVICE_NAME", "ExpertServicer", "HostedExpert", "RequestError"]
 
 
 class RequestError(Exception):
@@ -58,11 +72,12 @@ class HostedExpert:
 
 
 class ExpertServicer:
-    """Serves Forward, Backward (unary and chunked streams) and Info for the experts of one peer.
+    """Serves every method of `proto.Method` (Forward, Backward, their streams and batches, Info) for one peer.
 
-    Requests are parsed here rather than by gRPC, so that malformed bytes get INVALID_ARGUMENT with a
-    message instead of a generic error. Every refusal is a status code with a human-readable message and
-    never affects other requests. While `closing` is set, new work gets UNAVAILABLE.
+    Requests arrive as bytes and are decoded here with `proto`'s decoders rather than by gRPC, so that malformed
+    bytes get INVALID_ARGUMENT with a message instead of a generic error. Every refusal is a status code with a
+    human-readable message and never affects other requests (in a batch, other parts). While `closing` is set,
+    new work gets UNAVAILABLE. `calls` counts calls per method name, `requests` expert requests per pass.
     """
 
     def __init__(
@@ -80,55 +95,45 @@ class ExpertServicer:
         self.max_message_bytes = max_message_bytes
         self.peer_id = peer_id
         self.closing = False
-        self.calls = {
-            "Forward": 0,
-            "Backward": 0,
-            "ForwardStream": 0,
-            "BackwardStream": 0,
-            "ForwardMany": 0,
-            "BackwardMany": 0,
-            "Info": 0,
-        }
+        self.state_source: Callable[[str, int], Awaitable[ExpertState | None]] | None = None
+        """Where GetState reads an expert's state: `peer.replica_sync.ReplicaSync.state` (None: refused)."""
+        self.calls: dict[str, int] = {method.value: 0 for method in Method}
         self.requests = {"forward": 0, "backward": 0}  # expert requests served, batched parts included
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
-        """The handler to register with a `grpc.aio.Server` (requests arrive as raw bytes)."""
-        handlers = {
-            "Forward": grpc.unary_unary_rpc_method_handler(self._forward),
-            "Backward": grpc.unary_unary_rpc_method_handler(self._backward),
-            "ForwardStream": grpc.stream_stream_rpc_method_handler(self._forward_stream),
-            "BackwardStream": grpc.stream_stream_rpc_method_handler(self._backward_stream),
-            "ForwardMany": grpc.unary_unary_rpc_method_handler(self._forward_many),
-            "BackwardMany": grpc.unary_unary_rpc_method_handler(self._backward_many),
-            "Info": grpc.unary_unary_rpc_method_handler(self._info),
-        }
+        """The handler to register with a `grpc.aio.Server`: one per `proto.Method`, requests and answers as bytes."""
+        handlers = {method.value: self._handler(method) for method in Method}
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
-    async def _forward(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        self.calls["Forward"] += 1
-        return await self._unary(request, context, backward=False)
+    def _handler(self, method: Method) -> grpc.RpcMethodHandler:
+        """The gRPC handler of one method: counts the call in `calls`, then serves it."""
+        name, backward = method.value, method.backward
+        if method.streaming:
 
-    async def _backward(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        self.calls["Backward"] += 1
-        return await self._unary(request, context, backward=True)
+            async def serve_stream(requests: AsyncIterator[bytes], context) -> AsyncIterator[bytes]:
+                self.calls[name] += 1
+                async for message in self._stream(requests, context, backward=backward):
+                    yield message
 
-    async def _forward_many(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        self.calls["ForwardMany"] += 1
-        return await self._many(request, context, backward=False)
+            return grpc.stream_stream_rpc_method_handler(serve_stream)
+        if method.streams_answers:
 
-    async def _backward_many(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        self.calls["BackwardMany"] += 1
-        return await self._many(request, context, backward=True)
+            async def serve_state(request: bytes, context) -> AsyncIterator[bytes]:
+                self.calls[name] += 1
+                async for message in self._state(request, context):
+                    yield message
 
-    async def _forward_stream(self, requests: AsyncIterator[bytes], context) -> AsyncIterator[bytes]:
-        self.calls["ForwardStream"] += 1
-        async for message in self._stream(requests, context, backward=False):
-            yield message
+            return grpc.unary_stream_rpc_method_handler(serve_state)
 
-    async def _backward_stream(self, requests: AsyncIterator[bytes], context) -> AsyncIterator[bytes]:
-        self.calls["BackwardStream"] += 1
-        async for message in self._stream(requests, context, backward=True):
-            yield message
+        async def serve(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            self.calls[name] += 1
+            if method is Method.INFO:
+                return await self._info(request, context)
+            if method.batched:
+                return await self._many(request, context, backward=backward)
+            return await self._unary(request, context, backward=backward)
+
+        return grpc.unary_unary_rpc_method_handler(serve)
 
     async def _unary(self, request: bytes, context, *, backward: bool) -> bytes:
         try:
@@ -147,57 +152,56 @@ class ExpertServicer:
 
     async def _stream(self, requests: AsyncIterator[bytes], context, *, backward: bool) -> AsyncIterator[bytes]:
         try:
-            uid, compression, forward_id, chunks, received, limit = None, 0, 0, [], 0, 0
+            stream, limit = StreamedRequest(), 0
             async for raw in requests:
-                message = _parse(expert_pb2.ExpertRequest, raw)
-                if uid is None:
-                    uid, compression, forward_id = message.uid, message.response_compression, message.forward_id
-                    limit = self._stream_limit(uid)
-                received += len(raw)
-                if received > limit:
+                first = stream.uid is None
+                try:
+                    stream.add(raw)
+                except TensorDecodeError as exc:
+                    raise RequestError(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid dmoe.v1.ExpertRequest: {exc}"
+                    ) from None
+                if first:
+                    limit = self._stream_limit(stream.uid)
+                if stream.received > limit:
                     raise RequestError(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"streamed request for {uid} exceeds {limit} bytes ({self.max_batch_size} tokens)",
+                        f"streamed request for {stream.uid} exceeds {limit} bytes ({self.max_batch_size} tokens)",
                     )
-                chunks.extend(message.tensors)
-            if uid is None:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "empty request stream")
             try:
-                tensors = list(iter_tensors_from_chunks(chunks))
+                message = stream.finish()
             except TensorDecodeError as exc:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad tensor chunks: {exc}") from None
-            outputs = await self._run(uid, tensors, context, backward=backward, forward_id=forward_id)
-            chunk_bytes = max(1, self.max_message_bytes // 2)
-            for output in outputs:
-                for part in split_tensor(serialize_tensor(output, compression), chunk_bytes):
-                    yield expert_pb2.ExpertResponse(tensors=[part]).SerializeToString()
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            outputs = await self._run(
+                message.uid, message.parts, context, backward=backward, forward_id=message.forward_id
+            )
+            chunk_bytes = stream_chunk_bytes(self.max_message_bytes)
+            for raw in encode_stream_response(
+                outputs, chunk_bytes=chunk_bytes, compression=message.response_compression
+            ):
+                yield raw
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
 
     async def _many(self, request: bytes, context, *, backward: bool) -> bytes:
         try:
-            batch = _parse(expert_pb2.ExpertRequestBatch, request)
-            if not 0 < len(batch.requests) <= MAX_BATCH_PARTS:
+            try:
+                parts = decode_batch_request(request)
+            except TensorDecodeError as exc:
                 raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"a batch holds 1 to {MAX_BATCH_PARTS} requests, got {len(batch.requests)}",
-                )
-            parts = [self._part(part, context, backward=backward) for part in batch.requests]
-            results = await asyncio.gather(*parts)
-            return expert_pb2.ExpertResponseBatch(results=results).SerializeToString()
+                    grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid dmoe.v1.ExpertRequestBatch: {exc}"
+                ) from None
+            results = await asyncio.gather(*(self._part(part, context, backward=backward) for part in parts))
+            return encode_batch_response(results, compressions=[part.response_compression for part in parts])
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
 
-    async def _part(self, part, context, *, backward: bool) -> expert_pb2.ExpertResult:
-        """One part of a ForwardMany/BackwardMany: its answer, or the status it failed with (never raises)."""
+    async def _part(self, part: WireRequest, context, *, backward: bool) -> list[torch.Tensor] | PartFailure:
+        """One part of a ForwardMany/BackwardMany: its outputs, or the status it failed with (never raises)."""
         try:
-            outputs = await self._run(
-                part.uid, list(part.tensors), context, backward=backward, forward_id=part.forward_id
-            )
+            return await self._run(part.uid, part.parts, context, backward=backward, forward_id=part.forward_id)
         except RequestError as exc:
-            return expert_pb2.ExpertResult(code=exc.code.value[0], message=str(exc))
-        tensors = [serialize_tensor(t, part.response_compression) for t in outputs]
-        return expert_pb2.ExpertResult(response=expert_pb2.ExpertResponse(tensors=tensors))
+            return PartFailure(exc.code, str(exc))
 
     def _stream_limit(self, uid: str) -> int:
         expert = self.experts.get(uid)
@@ -208,7 +212,7 @@ class ExpertServicer:
         return self.max_batch_size * bytes_per_token + (1 << 20)
 
     async def _run(
-        self, uid: str, messages: list, context, *, backward: bool, forward_id: int = 0
+        self, uid: str, messages: list[Part], context, *, backward: bool, forward_id: int = 0
     ) -> list[torch.Tensor]:
         if self.closing:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "peer is shutting down; use another replica")
@@ -223,7 +227,7 @@ class ExpertServicer:
             self.limiter.release(client)
 
     async def _run_admitted(
-        self, uid: str, messages: list, context, *, backward: bool, forward_id: int
+        self, uid: str, messages: list[Part], context, *, backward: bool, forward_id: int
     ) -> list[torch.Tensor]:
         expert = self.experts.get(uid)
         if expert is None:
@@ -240,7 +244,7 @@ class ExpertServicer:
         deadline = time.monotonic() + (DEFAULT_DEADLINE if remaining is None else remaining)
         queue = expert.backward_queue if backward else expert.forward_queue
         try:
-            return await queue.submit(tensors, deadline, tag=forward_id)
+            return await queue.submit(tensors, deadline, forward_id=forward_id)
         except QueueFullError as exc:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
         except DeadlineExpiredError as exc:
@@ -248,7 +252,7 @@ class ExpertServicer:
         except Exception as exc:
             raise RequestError(grpc.StatusCode.INTERNAL, f"expert {uid} failed: {exc!r}") from None
 
-    def _decode(self, uid: str, messages: list, specs: tuple[ArgSpec, ...]) -> list[torch.Tensor]:
+    def _decode(self, uid: str, messages: list[Part], specs: tuple[ArgSpec, ...]) -> list[torch.Tensor]:
         if len(messages) != len(specs):
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"expert {uid} expects {len(specs)} tensors, got {len(messages)}"
@@ -289,56 +293,70 @@ class ExpertServicer:
         return tensors
 
     async def _info(self, request: bytes, context) -> bytes:
-        self.calls["Info"] += 1
         try:
-            message = _parse(expert_pb2.InfoRequest, request)
-            if message.uid and message.uid not in self.experts:
-                raise RequestError(grpc.StatusCode.NOT_FOUND, f"this peer does not host expert {message.uid!r}")
-            uids = [message.uid] if message.uid else sorted(self.experts)
-            infos = [self.expert_info(uid) for uid in uids]
-            return expert_pb2.InfoResponse(experts=infos, peer_id=self.peer_id()).SerializeToString()
+            try:
+                uid = decode_info_request(request)
+            except TensorDecodeError as exc:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid dmoe.v1.InfoRequest: {exc}"
+                ) from None
+            if uid and uid not in self.experts:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, f"this peer does not host expert {uid!r}")
+            uids = [uid] if uid else sorted(self.experts)
+            return encode_info_response([self.expert_info(uid) for uid in uids], self.peer_id())
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
 
-    def expert_info(self, uid: str) -> expert_pb2.ExpertInfo:
+    async def _state(self, request: bytes, context) -> AsyncIterator[bytes]:
+        try:
+            try:
+                wanted = decode_state_request(request)
+            except TensorDecodeError as exc:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid dmoe.v1.StateRequest: {exc}"
+                ) from None
+            if wanted.uid not in self.experts:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, f"this peer does not host expert {wanted.uid!r}")
+            if self.closing or self.state_source is None:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "this peer does not share expert states now")
+            state = await self.state_source(wanted.uid, wanted.round)
+            if state is None:
+                raise RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"no snapshot of {wanted.uid} for averaging round {wanted.round} here (clocks apart?)",
+                )
+            chunk_bytes = stream_chunk_bytes(self.max_message_bytes)
+            for message in encode_state(state.update_count, state.tensors, chunk_bytes=chunk_bytes):
+                yield message
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
+
+    def expert_info(self, uid: str) -> ExpertStatus:
         """The Info record of one hosted expert."""
         expert = self.experts[uid]
         backend = expert.backend
         forward, backward = expert.forward_queue.stats, expert.backward_queue.stats
-        return expert_pb2.ExpertInfo(
+        return ExpertStatus(
             uid=uid,
             expert_cls=backend.expert_cls,
-            inputs=[_spec_message(spec) for spec in backend.input_specs],
-            outputs=[_spec_message(spec) for spec in backend.output_specs],
+            inputs=tuple(_spec(spec) for spec in backend.input_specs),
+            outputs=tuple(_spec(spec) for spec in backend.output_specs),
             num_parameters=backend.num_parameters,
             update_count=backend.update_count,
             updates_skipped=backend.updates_skipped,
             max_batch_size=self.max_batch_size,
-            load=expert_pb2.LoadInfo(
-                queue_size=expert.queue_size,
-                tokens_per_second=expert.tokens_per_second,
-                batches_processed=forward.batches_processed + backward.batches_processed,
-                requests_expired=forward.requests_expired + backward.requests_expired,
-            ),
+            queue_size=expert.queue_size,
+            tokens_per_second=expert.tokens_per_second,
+            batches_processed=forward.batches_processed + backward.batches_processed,
+            requests_expired=forward.requests_expired + backward.requests_expired,
         )
 
 
-def _parse(message_cls, data: bytes):
-    try:
-        return message_cls.FromString(data)
-    except (DecodeError, RuntimeWarning, ValueError) as exc:
-        raise RequestError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {message_cls.DESCRIPTOR.full_name}: {exc}"
-        ) from None
-
-
-def _spec_message(spec: ArgSpec):
-    return expert_pb2.TensorSpec(shape=[-1, *spec.shape], dtype=SUPPORTED_DTYPES[spec.dtype])
+def _spec(spec: ArgSpec) -> TensorSpec:
+    return TensorSpec((-1, *spec.shape), spec.dtype)
 
 
 def _dtype_name(value: int) -> str:
-    from proto.dmoe.v1 import tensor_pb2
-
     try:
         return tensor_pb2.DType.Name(value)
     except ValueError:

@@ -5,8 +5,8 @@ order as little-endian raw bytes, plus dtype and shape. bfloat16 travels as its 
 pickle. Lossless encoding is bit-exact (NaN payloads, -0.0 and Inf included). Lossy compression
 (`proto.compression`) applies to floating dtypes only and is skipped silently for the others.
 
-Copies, measured with protobuf 7 (upb) where a ``bytes`` field is copied on every assignment *and*
-on every read (each ``message.buffer`` returns a fresh ``bytes`` object):
+Copies, under protobuf's upb backend, where a ``bytes`` field is copied on every assignment *and* on
+every read (each ``message.buffer`` returns a fresh ``bytes`` object):
 
 - `serialize_tensor` makes one copy of the tensor into ``bytes`` (numpy ``tobytes``, which also
   makes non-contiguous tensors row-major in the same pass) and protobuf makes one more into the

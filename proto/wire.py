@@ -10,11 +10,11 @@ serializer writes. Only large lossless messages are written and read without pro
   field-number order, into one new, uninitialised ``bytes`` object, and each tensor's memory is copied into it once
   (one ``memmove`` below 1 MiB, else by torch with its threads; straight from a non-contiguous or CUDA tensor too):
   **one copy** of the payload, where `serialize_tensor` + ``SerializeToString`` make three (``tobytes``, the
-  assignment to ``buffer`` and the serialization, upb's at 0.44 GB/s for 256 MiB). Each tensor's ``buffer`` (field
-  4) is preceded by a padding field (number 15, length-delimited, zeros) that protobuf parsers skip as unknown,
-  sized so that the payload starts 64-byte aligned within the message (in memory, a ``bytes`` object's data is only
-  16-byte aligned, which is enough for every dtype and, measured, costs a copy nothing). Lossy tensors (float16 or
-  8-bit compression) are embedded as the ``dmoe.v1.Tensor`` that `serialize_tensor` makes.
+  assignment to ``buffer`` and the serialization). Each tensor's ``buffer`` (field 4) is preceded by a padding
+  field (number 15, length-delimited, zeros) that protobuf parsers skip as unknown, sized so that the payload
+  starts 64-byte aligned within the message (in memory, a ``bytes`` object's data is only 16-byte aligned, which
+  is enough for every dtype). Lossy tensors (float16 or 8-bit compression) are embedded as the
+  ``dmoe.v1.Tensor`` that `serialize_tensor` makes.
 * **decode** (`decode_request`, `decode_response`): a message of at least `RAW_MIN_BYTES` is walked field by
   field in Python and each whole lossless tensor becomes a `RawTensor`: dtype, shape and where its bytes lie in
   the message. `decode_tensor` checks it (exactly what `deserialize_tensor` checks, with the same messages) and
@@ -24,11 +24,9 @@ serializer writes. Only large lossless messages are written and read without pro
   any field the walk does not expect (a wrong wire type for a known field, a group, an unknown dtype), is parsed
   by protobuf instead (that tensor alone, or the whole message), so both paths agree on every input.
 * below `RAW_MIN_BYTES` both directions use protobuf objects (`serialize_tensor` + ``SerializeToString``,
-  ``FromString`` + `deserialize_tensor`): for small messages upb's C code beats the Python work of the raw path
-  (fixed costs of ~10 us per message: the walk, creating the ``bytes`` object, a torch view per tensor).
-  64 KiB is where the two cost the same. Measured, encode+decode of a request and of its response with one
-  float32 tensor: at 32 KiB 24 us through protobuf, 33 us raw; at 64 KiB 30 and 34 us (two tensors of 64 KiB:
-  64 and 63 us); at 128 KiB 51 and 35 us; at 1 MiB 0.4-5.5 ms and 87 us.
+  ``FromString`` + `deserialize_tensor`): for small messages upb's C code beats the Python work of the raw path,
+  which has a fixed cost per message (the walk, creating the ``bytes`` object, a torch view per tensor).
+  `RAW_MIN_BYTES` lies where the two cost the same (the figures are in ``bench/NOTES.md``).
 
 **Ownership.** A decoded tensor is a view of the ``bytes`` object passed to the decoder: the caller hands that
 object over (as gRPC's received message is: a fresh object nobody else uses). Under that rule the contract of
@@ -62,6 +60,7 @@ from proto.dmoe.v1.tensor_pb2 import COMPRESSION_FLOAT16, COMPRESSION_NONE
 
 __all__ = [
     "RAW_MIN_BYTES",
+    "Part",
     "RawTensor",
     "WireRequest",
     "decode_request",
@@ -69,6 +68,7 @@ __all__ = [
     "decode_tensor",
     "encode_request",
     "encode_response",
+    "parse_message",
 ]
 
 RAW_MIN_BYTES = 64 << 10
@@ -87,7 +87,7 @@ _new_bytes.restype = ctypes.py_object
 _new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
 
 
-@dataclass(slots=True, eq=False)  # not frozen: a frozen dataclass's __init__ costs a microsecond per call
+@dataclass(slots=True, eq=False)  # not frozen: a frozen dataclass's __init__ is slower, and one is made per tensor
 class RawTensor:
     """A whole lossless tensor found in a received message, not checked yet: `decode_tensor` makes it a tensor.
 
@@ -350,7 +350,8 @@ def _owned(raw) -> bytes:
     raise TensorDecodeError(f"expected the message's bytes, got {type(raw).__name__}")
 
 
-def _parse(message_cls, raw: bytes):
+def parse_message(message_cls, raw: bytes):
+    """``message_cls.FromString(raw)``, raising `TensorDecodeError` (only) for bytes that are not such a message."""
     try:
         return message_cls.FromString(raw)
     except Exception as exc:
@@ -476,7 +477,7 @@ def _walk_tensor(raw: bytes, pos: int, end: int) -> Part:
         if other or dtype not in _TORCH_DTYPES:
             raise _Fallback
     except _Fallback:  # this tensor alone goes through protobuf (a repeated message field merges nothing)
-        return _parse(tensor_pb2.Tensor, raw[first:end])
+        return parse_message(tensor_pb2.Tensor, raw[first:end])
     return RawTensor(dtype, tuple(shape), raw, *payload)
 
 

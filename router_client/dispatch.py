@@ -1,4 +1,5 @@
-"""Concurrent dispatch of one request per expert, with a deadline, failover, hedging and per-token k_min."""
+"""Concurrent dispatch of one request per expert, with a deadline, failover, hedging, fallback to other experts
+and per-token k_min."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import grpc
 import torch
 
 from dht import ExpertReplica
@@ -21,11 +23,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ExpertJob:
-    """All tokens of one call that go to one expert: `token_index[i]` uses its slot `slot_index[i]`."""
+    """All tokens of one call that go to one expert: `token_index[i]` uses its slot `slot_index[i]`.
+
+    `rerouted`: the job took over tokens of an expert that failed in the same call. `forward_id`, when set,
+    is sent instead of the call's (two jobs for one expert in one call need their own, so that the peer keeps
+    both forward graphs). `preferred`: the endpoint to try first (for a backward, the one that served).
+    """
 
     uid: str
     token_index: torch.Tensor
     slot_index: torch.Tensor
+    rerouted: bool = False
+    forward_id: int | None = None
+    preferred: str | None = None
 
 
 @dataclass
@@ -35,6 +45,7 @@ class JobResult:
     outputs: list[torch.Tensor] | None = None
     replica: ExpertReplica | None = None
     error: str | None = None
+    job: ExpertJob | None = None
 
     @property
     def ok(self) -> bool:
@@ -42,8 +53,22 @@ class JobResult:
         return self.outputs is not None
 
 
+Reroute = Callable[[ExpertJob, JobResult], list[ExpertJob]]
+"""Given a job whose every replica failed, the jobs that take over its tokens (none: they stay unserved)."""
+
+_REFUSALS = ("failed to connect", "connection refused", "shutting down")
+
+
 class AnomalousAnswerError(Exception):
     """A peer answered with NaN/Inf or tensors of the wrong shape."""
+
+
+def refuses_connections(exc: Exception) -> bool:
+    """Whether a failed call shows a peer that is gone (UNAVAILABLE: nothing listens, or it is shutting down)."""
+    if not isinstance(exc, ExpertCallError) or exc.code != grpc.StatusCode.UNAVAILABLE:
+        return False
+    reason = exc.reason.lower()
+    return any(marker in reason for marker in _REFUSALS)
 
 
 class Dispatcher:
@@ -51,7 +76,9 @@ class Dispatcher:
 
     Each job goes to the best replica of its expert; on failure it moves to the next replica while the
     deadline allows, and (with `hedge`) a second replica gets a copy once the first is slower than its p95.
-    Every failing replica is banned in `scores`. The call ends at the deadline, or `grace` seconds after
+    Every failing replica is banned in `scores`, or marked dead there when it refuses connections. When every
+    replica of a job failed before the deadline, `reroute` (if given) may hand its tokens to other experts:
+    those jobs start at once, under the same deadline. The call ends at the deadline, or `grace` seconds after
     every token has `required` answers, whichever comes first; unfinished jobs are cancelled.
     """
 
@@ -85,16 +112,23 @@ class Dispatcher:
         expected_shapes: Callable[[ExpertJob], list[tuple[int, ...]]],
         preferred: dict[str, str] | None = None,
         forward_id: int = 0,
+        reroute: Reroute | None = None,
     ) -> list[JobResult]:
         """Run `jobs`; `required[t]` answers are wanted for token t before the grace period starts.
 
-        `forward_id` goes with every request (see `ExpertTransport.call`).
+        Returns one result per job, in order, followed by those of the jobs `reroute` added, in the order they
+        were made; each result names its job. `forward_id` goes with every request (see `ExpertTransport.call`)
+        unless the job has its own.
         """
         preferred = preferred or {}
-        results = [JobResult(error="not finished before the deadline") for _ in jobs]
+        jobs = list(jobs)
+        results = [JobResult(error="not finished before the deadline", job=job) for job in jobs]
         answered = torch.zeros_like(required)
-        tasks = {
-            asyncio.ensure_future(
+        tasks: dict[asyncio.Future, int] = {}
+
+        def start(index: int) -> asyncio.Future:
+            job = jobs[index]
+            task = asyncio.ensure_future(
                 self._serve(
                     job,
                     make_inputs(job),
@@ -102,13 +136,14 @@ class Dispatcher:
                     backward=backward,
                     deadline=deadline,
                     expected=expected_shapes(job),
-                    preferred=preferred.get(job.uid),
-                    forward_id=forward_id,
+                    preferred=job.preferred or preferred.get(job.uid),
+                    forward_id=forward_id if job.forward_id is None else job.forward_id,
                 )
-            ): index
-            for index, job in enumerate(jobs)
-        }
-        pending = set(tasks)
+            )
+            tasks[task] = index
+            return task
+
+        pending = {start(index) for index in range(len(jobs))}
         quorum_at: float | None = None
         try:
             while pending:
@@ -119,9 +154,15 @@ class Dispatcher:
                 done, pending = await asyncio.wait(pending, timeout=until - now, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     index = tasks[task]
-                    results[index] = task.result()
-                    if results[index].ok:
+                    result = results[index] = task.result()
+                    result.job = jobs[index]
+                    if result.ok:
                         answered[jobs[index].token_index] += 1
+                    elif reroute is not None and time.monotonic() < until:
+                        for job in reroute(jobs[index], result):
+                            jobs.append(job)
+                            results.append(JobResult(error="not finished before the deadline", job=job))
+                            pending.add(start(len(jobs) - 1))
                 # the quorum matters only while something is pending and the grace would end the call early
                 if quorum_at is None and pending and time.monotonic() + grace < deadline:
                     if bool((answered >= required).all()):
@@ -246,7 +287,10 @@ class Dispatcher:
     def _record_failure(self, replica: ExpertReplica, exc: Exception, errors: list[str]) -> None:
         reason = exc.reason if isinstance(exc, ExpertCallError) else str(exc) or repr(exc)
         errors.append(f"{replica.endpoint}: {reason}")
-        self.scores.record_failure(replica.endpoint, reason)
+        if refuses_connections(exc):
+            self.scores.mark_dead(replica, reason)
+        else:
+            self.scores.record_failure(replica.endpoint, reason)
 
     def _note_silence(self, replica: ExpertReplica, started: float) -> None:
         """Ban a replica whose call was cancelled while silent for much longer than usual (e.g. a cut link that

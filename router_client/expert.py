@@ -9,9 +9,10 @@ from torch import nn
 
 from dht import ExpertReplica
 from router_client import background
+from router_client.autograd import DUMMY, new_forward_id
 from router_client.config import RouterConfig
 from router_client.dispatch import Dispatcher, ExpertJob
-from router_client.moe import _DUMMY, RemoteExpertError, new_forward_id
+from router_client.moe import RemoteExpertError
 from router_client.swarm_client import get_context
 
 
@@ -38,7 +39,7 @@ class RemoteExpert(nn.Module):
 
     def forward(self, *inputs: torch.Tensor):
         """Outputs of the remote expert for `inputs` (the first dimension is the batch)."""
-        outputs = _RemoteExpertCall.apply(_DUMMY, self, new_forward_id(torch.is_grad_enabled()), *inputs)
+        outputs = _RemoteExpertCall.apply(DUMMY, self, new_forward_id(torch.is_grad_enabled()), *inputs)
         return outputs[0] if len(outputs) == 1 else outputs
 
     def call(self, tensors: list[torch.Tensor], *, backward: bool, forward_id: int = 0) -> list[torch.Tensor]:

@@ -7,11 +7,11 @@ import threading
 from dataclasses import dataclass
 
 from dht import DHTNode, ExpertDirectory
-from proto import COMPRESSION_NONE
+from proto import COMPRESSION_NAMES, COMPRESSION_NONE
 from router_client import background
 from router_client.config import RouterConfig
 from router_client.replicas import PeerScores
-from router_client.transport import COMPRESSIONS, ExpertTransport, channel_credentials
+from router_client.transport import ExpertTransport, channel_credentials
 
 _lock = threading.Lock()
 _nodes: dict[tuple[str, ...], DHTNode] = {}
@@ -68,7 +68,7 @@ def get_context(config: RouterConfig) -> RouterContext:
         if context is None:
             transport = ExpertTransport(
                 max_message_bytes=config.max_message_mb << 20,
-                compression=COMPRESSIONS.get(config.compression, COMPRESSION_NONE),
+                compression=COMPRESSION_NAMES.get(config.compression, COMPRESSION_NONE),
                 swarm_key=swarm_key,
                 credentials=channel_credentials(config.tls_ca, config.tls_cert, config.tls_key),
             )

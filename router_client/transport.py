@@ -11,25 +11,23 @@ import grpc
 import torch
 
 from proto import (
-    COMPRESSION_BLOCKWISE_8BIT,
-    COMPRESSION_FLOAT16,
+    CLIENT_ID_METADATA,
+    COALESCE_BYTES,
     COMPRESSION_NONE,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_BATCH_PARTS,
+    SWARM_KEY_METADATA,
+    Method,
     TensorDecodeError,
-    deserialize_tensor,
-    expert_pb2,
-    iter_tensors_from_chunks,
-    serialize_tensor,
-    split_tensor,
+    decode_batch_response,
+    decode_response,
+    decode_stream_response,
+    encode_batch_request,
+    encode_request,
+    encode_stream_request,
+    fits_one_message,
+    stream_chunk_bytes,
 )
-from proto.wire import decode_response, encode_request
-
-SWARM_KEY_METADATA = "dmoe-swarm-key"  # the same names the peer reads
-CLIENT_ID_METADATA = "dmoe-client-id"
-COMPRESSIONS = {"none": COMPRESSION_NONE, "float16": COMPRESSION_FLOAT16, "8bit": COMPRESSION_BLOCKWISE_8BIT}
-_METHOD = "/dmoe.v1.ExpertService/"
-DEFAULT_COALESCE_BYTES = 256 << 10  # requests up to this size share a call (64 tokens at hidden 1024, fp32)
-MAX_BATCH_PARTS = 64  # most requests in one ForwardMany; the peer takes up to 256
-_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class ExpertCallError(Exception):
@@ -85,19 +83,21 @@ class ExpertTransport:
     Requests whose tensors fit in `max_message_bytes` go as one unary call; larger ones are chunked over
     the streaming variant. Small requests (at most `coalesce_bytes` of tensors; 0 turns this off) that are
     sent to the same peer in the same event-loop tick, like the per-expert requests of one router call,
-    travel together as one ForwardMany/BackwardMany call: where a round trip costs more than the compute,
-    that saves a round trip and the peer's per-call work for every extra expert; each request still succeeds
-    or fails on its own. `compression` (a `COMPRESSION_*` value) applies to floating tensors both ways.
+    travel together (up to `proto.MAX_BATCH_PARTS` of them) as one ForwardMany/BackwardMany call: where a
+    round trip costs more than the compute, that saves a round trip and the peer's per-call work for every
+    extra expert; each request still succeeds or fails on its own. `compression` (a `COMPRESSION_*` value)
+    applies to floating tensors both ways. Method names, metadata keys and limits come from `proto.contract`,
+    every message's bytes from `proto`'s encoders and decoders.
     """
 
     def __init__(
         self,
         *,
-        max_message_bytes: int = 64 << 20,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         compression: int = COMPRESSION_NONE,
         swarm_key: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
-        coalesce_bytes: int = DEFAULT_COALESCE_BYTES,
+        coalesce_bytes: int = COALESCE_BYTES,
     ):
         self.max_message_bytes = max_message_bytes
         self.coalesce_bytes = coalesce_bytes
@@ -106,7 +106,7 @@ class ExpertTransport:
         self.metadata = (((SWARM_KEY_METADATA, swarm_key),) if swarm_key else ()) + client_id
         self.credentials = credentials
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._unary_methods: dict[tuple, grpc.aio.UnaryUnaryMultiCallable] = {}
+        self._methods: dict[tuple[str, Method], grpc.aio.UnaryUnaryMultiCallable] = {}
         self._open_batches: dict[tuple[str, bool], _Batch] = {}
         self._no_batches: set[str] = set()  # peers that answered UNIMPLEMENTED to ForwardMany
         self._sending: set[asyncio.Task] = set()
@@ -120,6 +120,10 @@ class ExpertTransport:
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.enable_retries", 0),
                 ("grpc.keepalive_time_ms", 60_000),
+                # a restarted peer on the same port is reachable again within a fraction of a second
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
             ]
             if self.credentials is not None:
                 channel = grpc.aio.secure_channel(endpoint, self.credentials, options=options)
@@ -128,15 +132,13 @@ class ExpertTransport:
             self._channels[endpoint] = channel
         return channel
 
-    def _unary(self, endpoint: str, backward: bool):
-        """The (cached) unary multicallable for Forward or Backward at `endpoint`."""
-        key = (endpoint, backward)
-        method = self._unary_methods.get(key)
-        if method is None:
-            method = self._unary_methods[key] = self.channel(endpoint).unary_unary(
-                _METHOD + ("Backward" if backward else "Forward")  # bytes both ways: see `proto.wire`
-            )
-        return method
+    def _unary(self, endpoint: str, method: Method) -> grpc.aio.UnaryUnaryMultiCallable:
+        """The (cached) unary multicallable of `method` at `endpoint`: bytes both ways, coded by `proto`."""
+        key = (endpoint, method)
+        callable_ = self._methods.get(key)
+        if callable_ is None:
+            callable_ = self._methods[key] = self.channel(endpoint).unary_unary(method.path)
+        return callable_
 
     async def call(
         self,
@@ -167,46 +169,25 @@ class ExpertTransport:
     ) -> list[torch.Tensor]:
         """One call of its own: unary, or chunked over the stream when the tensors exceed the message limit."""
         size = sum(t.numel() * t.element_size() for t in tensors)  # an upper bound of the encoded size
-        unary = size < self.max_message_bytes * 0.9
+        unary = fits_one_message(size, self.max_message_bytes)
+        codes = {"compression": self.compression, "response_compression": self.compression}
         if unary:
-            request = encode_request(
-                uid, tensors, response_compression=self.compression, forward_id=forward_id, compression=self.compression
-            )
+            request = encode_request(uid, tensors, forward_id=forward_id, **codes)
         else:
-            messages = [serialize_tensor(t, self.compression) for t in tensors]
+            chunk_bytes = stream_chunk_bytes(self.max_message_bytes)
+            requests = encode_stream_request(uid, tensors, chunk_bytes=chunk_bytes, forward_id=forward_id, **codes)
         try:
             if unary:
-                response = await self._unary(endpoint, backward)(request, timeout=timeout, metadata=self.metadata)
+                method = self._unary(endpoint, Method.unary(backward))
+                response = await method(request, timeout=timeout, metadata=self.metadata)
                 return decode_response(response)  # gRPC's fresh bytes, handed over: the tensors are views of it
-            parts = await self._call_stream(
-                endpoint, uid, messages, backward=backward, timeout=timeout, forward_id=forward_id
-            )
-            return [deserialize_tensor(part) for part in iter_tensors_from_chunks(parts)]
+            call = self.channel(endpoint).stream_stream(Method.stream(backward).path)
+            responses = call(requests, timeout=timeout, metadata=self.metadata)
+            return decode_stream_response([raw async for raw in responses])
         except grpc.aio.AioRpcError as exc:
             raise ExpertCallError(endpoint, uid, f"{exc.code().name}: {exc.details()}", exc.code()) from None
         except TensorDecodeError as exc:
             raise ExpertCallError(endpoint, uid, f"malformed answer: {exc}") from None
-
-    async def _call_stream(self, endpoint, uid, messages, *, backward: bool, timeout: float, forward_id: int) -> list:
-        chunk_bytes = max(1, self.max_message_bytes // 2)
-
-        def requests():
-            first = True
-            for message in messages:
-                for part in split_tensor(message, chunk_bytes):
-                    if first:
-                        yield expert_pb2.ExpertRequest(
-                            uid=uid, tensors=[part], response_compression=self.compression, forward_id=forward_id
-                        ).SerializeToString()
-                        first = False
-                    else:
-                        yield expert_pb2.ExpertRequest(tensors=[part]).SerializeToString()
-
-        call = self.channel(endpoint).stream_stream(
-            _METHOD + ("BackwardStream" if backward else "ForwardStream"),
-            response_deserializer=expert_pb2.ExpertResponse.FromString,
-        )(requests(), timeout=timeout, metadata=self.metadata)
-        return [part async for response in call for part in response.tensors]
 
     async def _coalesced(self, endpoint, uid, tensors, backward: bool, timeout: float, forward_id: int):
         """Join (or open) this tick's batch for (endpoint, pass); it is sent once the loop has run every ready task."""
@@ -247,22 +228,14 @@ class ExpertTransport:
 
     async def _send_batch(self, endpoint: str, parts: list[_Part], backward: bool, timeout: float) -> None:
         try:
-            request = expert_pb2.ExpertRequestBatch(
-                requests=[
-                    expert_pb2.ExpertRequest(
-                        uid=part.uid,
-                        tensors=[serialize_tensor(t, self.compression) for t in part.tensors],
-                        response_compression=self.compression,
-                        forward_id=part.forward_id,
-                    )
-                    for part in parts
-                ]
+            request = encode_batch_request(
+                [(part.uid, part.tensors, part.forward_id) for part in parts],
+                compression=self.compression,
+                response_compression=self.compression,
             )
-            method = self._batch_method(endpoint, backward)
-            raw = await method(request.SerializeToString(), timeout=timeout, metadata=self.metadata)
-            results = expert_pb2.ExpertResponseBatch.FromString(raw).results
-            if len(results) != len(parts):
-                raise TensorDecodeError(f"{len(results)} results for {len(parts)} requests")
+            method = self._unary(endpoint, Method.many(backward))
+            raw = await method(request, timeout=timeout, metadata=self.metadata)
+            results = decode_batch_response(raw, len(parts))
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a peer from before batches: one call per request
                 self._no_batches.add(endpoint)
@@ -277,30 +250,19 @@ class ExpertTransport:
                 _settle(part.future, exception=ExpertCallError(endpoint, part.uid, f"malformed answer: {exc}"))
             return
         for part, result in zip(parts, results, strict=True):
-            if result.code:
-                code = _STATUS_CODES.get(result.code, grpc.StatusCode.UNKNOWN)
-                _settle(
-                    part.future, exception=ExpertCallError(endpoint, part.uid, f"{code.name}: {result.message}", code)
-                )
+            if result.failure is not None:
+                code, message = result.failure.code, result.failure.message
+                _settle(part.future, exception=ExpertCallError(endpoint, part.uid, f"{code.name}: {message}", code))
                 continue
             try:
-                outputs = [deserialize_tensor(t) for t in iter_tensors_from_chunks(result.response.tensors)]
+                outputs = result.tensors()
             except TensorDecodeError as exc:
                 _settle(part.future, exception=ExpertCallError(endpoint, part.uid, f"malformed answer: {exc}"))
             else:
                 _settle(part.future, result=outputs)
 
-    def _batch_method(self, endpoint: str, backward: bool):
-        key = (endpoint, backward, "many")
-        method = self._unary_methods.get(key)
-        if method is None:
-            method = self._unary_methods[key] = self.channel(endpoint).unary_unary(
-                _METHOD + ("BackwardMany" if backward else "ForwardMany")
-            )
-        return method
-
     async def close(self) -> None:
         """Close every channel."""
-        channels, self._channels, self._unary_methods = list(self._channels.values()), {}, {}
+        channels, self._channels, self._methods = list(self._channels.values()), {}, {}
         for channel in channels:
             await channel.close()

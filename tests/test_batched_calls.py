@@ -1,4 +1,8 @@
-"""ForwardMany/BackwardMany: a router's small requests to one peer travel in one call, each part on its own."""
+"""ForwardMany/BackwardMany: a router's small requests to one peer travel in one call, each part on its own.
+
+Also the transport's other forms against a real peer: chunked streams for large requests, and the limits that
+client and peer share through `proto.contract`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,16 @@ import grpc
 import pytest
 import torch
 
-from proto import deserialize_tensor, expert_pb2, serialize_tensor
+from proto import (
+    MAX_BATCH_PARTS,
+    SERVICE_NAME,
+    Method,
+    decode_info_response,
+    deserialize_tensor,
+    encode_info_request,
+    expert_pb2,
+    serialize_tensor,
+)
 from router_client.transport import ExpertCallError, ExpertTransport
 from tests.conftest import LoopThread, running_peer
 
@@ -89,14 +102,14 @@ def test_a_peer_without_batches_gets_one_call_per_request():
 
             async def start_old_server():  # serves Forward only, by relaying it to the real peer
                 channel = grpc.aio.insecure_channel(peer.endpoint)
-                relay = channel.unary_unary("/dmoe.v1.ExpertService/Forward")
+                relay = channel.unary_unary(Method.FORWARD.path)
 
                 async def forward(request: bytes, context) -> bytes:
                     return await relay(request, timeout=10)
 
                 server = grpc.aio.server()
                 handler = grpc.method_handlers_generic_handler(
-                    "dmoe.v1.ExpertService", {"Forward": grpc.unary_unary_rpc_method_handler(forward)}
+                    SERVICE_NAME, {Method.FORWARD.value: grpc.unary_unary_rpc_method_handler(forward)}
                 )
                 server.add_generic_rpc_handlers((handler,))
                 port = server.add_insecure_port("127.0.0.1:0")
@@ -123,3 +136,65 @@ def test_a_peer_without_batches_gets_one_call_per_request():
                 loop.run(server.stop(0))
     finally:
         loop.close()
+
+
+def test_one_more_small_call_than_a_batch_holds_goes_as_a_full_batch_the_peer_accepts_and_a_single():
+    loop = LoopThread()
+    try:
+        with running_peer() as peer:
+            transport = ExpertTransport()
+            calls = MAX_BATCH_PARTS + 1
+            x = torch.randn(2, 16)
+            reference = peer.backends["ffn.0"].forward([x])[0]
+
+            async def send():
+                coros = [transport.call(peer.endpoint, "ffn.0", [x], backward=False, timeout=30) for _ in range(calls)]
+                return await asyncio.gather(*coros)
+
+            try:
+                outputs = loop.run(send())
+            finally:
+                loop.run(transport.close())
+            for (out,) in outputs:
+                torch.testing.assert_close(out, reference)
+            # one full batch of MAX_BATCH_PARTS (the peer's limit too, or it would refuse it), then the one left over
+            assert (peer.servicer.calls["ForwardMany"], peer.servicer.calls["Forward"]) == (1, 1)
+            assert peer.servicer.requests["forward"] == calls
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_requests_over_the_message_limit_travel_as_chunked_streams(backward):
+    loop = LoopThread()
+    try:
+        with running_peer(hidden_dim=64, max_message_mb=1, max_batch_size=100_000) as peer:
+            transport = ExpertTransport(max_message_bytes=1 << 20)
+            x, grad = torch.randn(8192, 64), torch.randn(8192, 64)  # 2 MiB each
+            tensors = [x, grad] if backward else [x]
+            try:
+                (out,) = loop.run(
+                    transport.call(peer.endpoint, "ffn.1", tensors, backward=backward, timeout=60, forward_id=3)
+                )
+            finally:
+                loop.run(transport.close())
+            name = Method.stream(backward).value
+            assert peer.servicer.calls[name] == 1 and peer.servicer.calls[Method.unary(backward).value] == 0
+            assert out.shape == x.shape
+            if backward:
+                assert peer.backends["ffn.1"].update_count == 1 and bool(torch.isfinite(out).all())
+            else:
+                torch.testing.assert_close(out, peer.backends["ffn.1"].forward([x])[0])
+    finally:
+        loop.close()
+
+
+def test_info_answers_in_typed_records(peer):
+    with grpc.insecure_channel(peer.endpoint) as channel:
+        info = channel.unary_unary(Method.INFO.path)
+        experts, _ = decode_info_response(info(encode_info_request("ffn.1"), timeout=10))
+        everything, _ = decode_info_response(info(encode_info_request(), timeout=10))
+    (status,) = experts
+    assert (status.uid, status.expert_cls, status.update_count) == ("ffn.1", "ffn", 0)
+    assert [spec.shape for spec in status.inputs] == [(-1, 16)] and status.inputs[0].dtype == torch.float32
+    assert [e.uid for e in everything] == ["ffn.0", "ffn.1"]

@@ -7,10 +7,8 @@ experts' checkpoints held when it was killed.
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -19,19 +17,7 @@ import pytest
 from dmoe_cli.chaos import ChaosEvent, prepare_chaos
 from dmoe_cli.main import build_parser, main
 from dmoe_cli.swarm import SwarmConfig
-from tests.conftest import REPO
-
-DMOE = [sys.executable, "-m", "dmoe_cli"]
-KILL = re.compile(r"^chaos \+[\d.]+s: SIGKILL peer (\d+) \(pid (\d+); ([^)]*)\); checkpoints hold (.*)$", re.M)
-RESTART = re.compile(
-    r"^chaos \+[\d.]+s: restarted peer (\d+) \(pid (\d+)\) at (\S+) in [\d.]+ s; resumed (.*) \((.*)\)$", re.M
-)
-
-
-def _counts(text: str) -> dict[str, int | None]:
-    pairs = (item.split("=") for item in text.split())
-    return {uid: None if count == "none" else int(count) for uid, count in pairs}
-
+from tests.conftest import DMOE, REPO, dies_with_test_run, kill_process_group
 
 # ---------------------------------------------------------------------------- settings
 
@@ -86,53 +72,71 @@ def test_a_restart_event_compares_what_was_resumed_with_the_checkpoints_at_the_k
         checkpointed=kill.update_counts,
     )
     assert not bad.resumed_as_checkpointed and "MISMATCH" in bad.describe()
+    assert kill.record() == {
+        "kind": "kill",
+        "peer": 2,
+        "at": 5.0,
+        "experts": ["ffn.1", "ffn.3"],
+        "pid": 42,
+        "endpoint": None,
+        "update_counts": {"ffn.1": 12, "ffn.3": None},
+        "checkpointed": {},
+        "seconds": None,
+        "error": None,
+    }
+    assert good.record()["resumed_as_checkpointed"] is True and bad.record()["resumed_as_checkpointed"] is False
+    assert json.loads(json.dumps(good.record())) == good.record(), "a record is one JSON line as it is"
 
 
 # ---------------------------------------------------------------------------- a real chaotic swarm
 
 
 class _Reader:
-    """Collects a process's output lines in a thread; `wait_for(text)` blocks until a line contains it."""
+    """Collects a process's output lines in a thread, for failure messages and the summary line."""
 
     def __init__(self, proc: subprocess.Popen):
-        self.proc, self.lines, self._event = proc, [], threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
+        self.proc, self.lines = proc, []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             self.lines.append(line)
-            self._event.set()
-        self._event.set()
 
     @property
     def text(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, needle: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while needle not in self.text:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                return needle in self.text
-            self._event.wait(0.5)
-            self._event.clear()
-        return True
+    def finish(self, timeout: float = 10) -> str:
+        """Everything the process printed, once it has exited."""
+        self._thread.join(timeout)
+        return self.text
+
+
+def _wait_for_file(path, proc: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return path.exists()
+        time.sleep(0.2)
+    return True
 
 
 def _stop(proc: subprocess.Popen, sig: int, timeout: float) -> int | None:
+    """Send `sig` and wait; the whole process group is SIGKILLed when it does not exit in time (None then)."""
     if proc.poll() is None:
         proc.send_signal(sig)
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()  # its children get SIGTERM through PR_SET_PDEATHSIG (see dmoe_cli.swarm)
-        proc.wait(10)
+        kill_process_group(proc)  # the peers run in groups of their own: PR_SET_PDEATHSIG ends them
         return None
 
 
 @pytest.mark.slow
 def test_training_survives_sigkilled_peers_and_restarted_peers_resume_their_checkpointed_counts(tmp_path):
     seconds, interval = 30, 5
-    checkpoints = tmp_path / "checkpoints"
+    checkpoints, events_file, addr_file = tmp_path / "checkpoints", tmp_path / "chaos.jsonl", tmp_path / "dht.txt"
     swarm = subprocess.Popen(
         [
             *DMOE,
@@ -152,8 +156,10 @@ def test_training_survives_sigkilled_peers_and_restarted_peers_resume_their_chec
             "1",
             "--checkpoint-dir",
             str(checkpoints),
+            "--chaos-events",
+            str(events_file),
             "--addr-file",
-            str(tmp_path / "dht.txt"),
+            str(addr_file),
             "--log-dir",
             str(tmp_path / "logs"),
         ],
@@ -161,17 +167,19 @@ def test_training_survives_sigkilled_peers_and_restarted_peers_resume_their_chec
         stderr=subprocess.STDOUT,
         text=True,
         cwd=REPO,
+        start_new_session=True,
+        preexec_fn=dies_with_test_run(),
     )
     client = None
     swarm_output = _Reader(swarm)
     try:
-        assert swarm_output.wait_for("Ctrl-C", 120), swarm_output.text
+        assert _wait_for_file(addr_file, swarm, 120), swarm_output.text  # written once every peer serves
         client = subprocess.Popen(
             [
                 *DMOE,
                 "train",
                 "--initial-peers",
-                *(tmp_path / "dht.txt").read_text().split(),
+                *addr_file.read_text().split(),
                 "--steps",
                 "1000000",
                 "--no-progress",
@@ -196,6 +204,8 @@ def test_training_survives_sigkilled_peers_and_restarted_peers_resume_their_chec
             stderr=subprocess.PIPE,
             text=True,
             cwd=REPO,
+            start_new_session=True,
+            preexec_fn=dies_with_test_run(),
         )
         time.sleep(seconds)
         client.send_signal(signal.SIGINT)  # Ctrl-C: the step in progress ends, the summary is printed
@@ -206,30 +216,39 @@ def test_training_survives_sigkilled_peers_and_restarted_peers_resume_their_chec
         assert summary["steps"] >= 20, summary
         assert _stop(swarm, signal.SIGTERM, 60) == 0, swarm_output.text[-4000:]
     finally:
-        if client is not None and client.poll() is None:
-            client.kill()
-            client.wait(10)
+        if client is not None:
+            kill_process_group(client)
         _stop(swarm, signal.SIGTERM, 60)
+        kill_process_group(swarm)
 
-    text = swarm_output.text
-    kills, restarts = KILL.findall(text), RESTART.findall(text)
+    text = swarm_output.finish()
+    events = [json.loads(line) for line in events_file.read_text().splitlines()]
+    kills = [event for event in events if event["kind"] == "kill"]
+    restarts = [event for event in events if event["kind"] == "restart"]
     assert len(kills) >= 4, text[-4000:]
     assert len(restarts) >= len(kills) - 2, "restarts cut short by the final stop aside, every kill is restarted"
-    assert "could not be restarted" not in text, text[-4000:]
+    assert not [event for event in events if event["kind"] == "restart-failed"], text[-4000:]
+    assert len(kills) == text.count(": SIGKILL peer ") and len(restarts) == text.count(": restarted peer "), (
+        "every event is printed too"
+    )
     checkpointed_at_kill = {}
-    for peer, _pid, _uids, counts in kills:
-        checkpointed_at_kill.setdefault(int(peer), []).append(_counts(counts))
+    for kill in kills:
+        assert kill["pid"] and kill["experts"] and set(kill["update_counts"]) == set(kill["experts"]), kill
+        checkpointed_at_kill.setdefault(kill["peer"], []).append(kill["update_counts"])
     resumed_total = 0
-    for peer, _pid, _endpoint, counts, verdict in restarts:
-        resumed = _counts(counts)
-        assert verdict == "as checkpointed", f"peer {peer} resumed {resumed} against its checkpoints"
+    from peer import load_checkpoint
+
+    for restart in restarts:
+        peer, resumed = restart["peer"], restart["update_counts"]
+        assert restart["resumed_as_checkpointed"], f"peer {peer} resumed {resumed} against its checkpoints"
+        killed = [kill for kill in kills if kill["peer"] == peer and kill["at"] < restart["at"]][-1]
+        assert restart["pid"] != killed["pid"] and restart["endpoint"], "a new process took the killed one's place"
+        assert restart["experts"] == killed["experts"] and restart["checkpointed"] == killed["update_counts"]
         assert any(
             all(resumed[uid] == (count or 0) for uid, count in at_kill.items())
-            for at_kill in checkpointed_at_kill[int(peer)]
+            for at_kill in checkpointed_at_kill[peer]
         )
         resumed_total += sum(resumed.values())
-        from peer import load_checkpoint
-
         for uid, count in resumed.items():  # and it carried on from there
             final = load_checkpoint(checkpoints / f"peer-{peer}", uid)
             assert final["update_count"] >= count, (peer, uid)

@@ -71,22 +71,43 @@ def _peer_args(directory, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_a_peer_restarted_after_sigterm_resumes_exactly(tmp_path, peer_processes):
+    """A peer stopped by SIGTERM and restarted from its checkpoints goes on exactly as a twin that never stopped.
+
+    Both start from the same seed and get the same Backward calls; the parameters and update counts must match
+    right after the restart and again after one more update, which uses the restored Adam moments.
+    """
     x, grad = torch.randn(4, 16), torch.randn(4, 16)
-    first = PeerProcess(_peer_args(tmp_path, "--checkpoint-every", "3600"))
+    twin = PeerProcess(_peer_args(tmp_path / "twin", "--seed", "0"))
+    peer_processes.append(twin)
+    first = PeerProcess(_peer_args(tmp_path / "restarted", "--seed", "0", "--checkpoint-every", "3600"))
     peer_processes.append(first)
     for _ in range(2):
-        _call(first.endpoint, "Backward", "ffn.1", x, grad)
+        for process in (twin, first):
+            _call(process.endpoint, "Backward", "ffn.1", x, grad)
     (before,) = _call(first.endpoint, "Forward", "ffn.1", x)
+    assert torch.equal(before, _call(twin.endpoint, "Forward", "ffn.1", x)[0]), "the twins differ before the stop"
     assert first.terminate() == 0, "".join(first.output)
 
-    second = PeerProcess(_peer_args(tmp_path))
+    second = PeerProcess(_peer_args(tmp_path / "restarted"))  # no seed: everything must come from the checkpoint
     peer_processes.append(second)
     (after,) = _call(second.endpoint, "Forward", "ffn.1", x)
     assert torch.equal(before, after)
     assert _call(second.endpoint, "Info", "ffn.1").update_count == 2
     (fresh,) = _call(second.endpoint, "Forward", "ffn.0", x)  # never trained: saved at start, resumed exactly
-    (grad_in,) = _call(second.endpoint, "Backward", "ffn.1", x, grad)  # the optimizer state came back too
-    assert torch.isfinite(grad_in).all() and torch.isfinite(fresh).all()
+    assert torch.equal(fresh, _call(twin.endpoint, "Forward", "ffn.0", x)[0])
+
+    # the next update depends on the optimizer state: Adam moments lost in the restart would make it differ
+    (grad_in,) = _call(second.endpoint, "Backward", "ffn.1", x, grad)
+    (twin_grad_in,) = _call(twin.endpoint, "Backward", "ffn.1", x, grad)
+    torch.testing.assert_close(grad_in, twin_grad_in, rtol=0, atol=1e-6)
+    (resumed,) = _call(second.endpoint, "Forward", "ffn.1", x)
+    (uninterrupted,) = _call(twin.endpoint, "Forward", "ffn.1", x)
+    assert not torch.equal(resumed, after), "the third update changed nothing: the check below would be vacuous"
+    torch.testing.assert_close(
+        resumed, uninterrupted, rtol=0, atol=1e-6, msg=lambda detail: f"the update after the restart differs: {detail}"
+    )
+    assert _call(second.endpoint, "Info", "ffn.1").update_count == _call(twin.endpoint, "Info", "ffn.1").update_count
+    assert _call(second.endpoint, "Info", "ffn.1").update_count == 3
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from dmoe_cli import healthcheck, slot
-from tests.conftest import REPO
+from tests.conftest import REPO, dies_with_test_run
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
@@ -189,6 +189,7 @@ class LocalEngine:
                 stdout=out,
                 stderr=log,
                 start_new_session=True,
+                preexec_fn=dies_with_test_run(),
             )
         self.processes.append(proc)
         return proc, env

@@ -251,6 +251,27 @@ def test_two_peers_hosting_one_uid_are_both_returned(swarm: Swarm):
         assert {r.peer_id for r in replicas} == {swarm.nodes[0].peer_id, swarm.nodes[1].peer_id}
 
 
+def test_a_withdrawn_replica_disappears_at_once_and_a_new_declaration_brings_it_back(swarm: Swarm):
+    uids = ["gone.0.1", "gone.1.0"]
+    swarm.directories[0].declare(uids, "127.0.0.1:6100")
+    swarm.directories[1].declare(["gone.0.1"], "127.0.0.1:6101")
+    reader = swarm.directories[2]
+    scores = [np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])]
+    assert reader.find_best_experts("gone", scores, 2, use_cache=False) == [["gone.0.1", "gone.1.0"]]
+
+    assert swarm.directories[0].withdraw(uids, "127.0.0.1:6100") == {uid: True for uid in uids}
+    found = reader.get(uids, use_cache=False)
+    assert [r.endpoint for r in found["gone.0.1"]] == ["127.0.0.1:6101"], "the other replica stays"
+    assert found["gone.1.0"] == []
+    assert sorted(reader.list_experts("gone", use_cache=False)) == ["gone.0.1"]
+    assert reader.find_best_experts("gone", scores, 2, use_cache=False) == [["gone.0.1"]]
+
+    swarm.directories[0].declare(uids, "127.0.0.1:6100")  # the same peer again (a restart with its identity)
+    found = reader.get(uids, use_cache=False)
+    assert sorted(r.endpoint for r in found["gone.0.1"]) == ["127.0.0.1:6100", "127.0.0.1:6101"]
+    assert [r.endpoint for r in found["gone.1.0"]] == ["127.0.0.1:6100"]
+
+
 @pytest.mark.slow
 def test_records_expire_independently(swarm: Swarm):
     reader = ExpertDirectory(swarm.nodes[2], cache_ttl=60.0)  # a long TTL: expiry must still be exact
@@ -287,10 +308,12 @@ def test_large_declaration_goes_through_the_command_pipe(swarm: Swarm):
 
 def test_async_api(swarm: Swarm):
     async def scenario():
-        stored = await swarm.directories[0].adeclare(["aio.0.1", "aio.1.0"], "127.0.0.1:8000")
-        found = await swarm.directories[1].aget(["aio.0.1"], use_cache=False)
-        best = await swarm.directories[1].afind_best_experts("aio", [np.array([[0.0, 1.0]]), np.array([[1.0, 0.0]])], 2)
-        listed = await swarm.directories[2].alist_experts("aio")
+        stored = await swarm.directories[0].declare(["aio.0.1", "aio.1.0"], "127.0.0.1:8000", return_future=True)
+        found = await swarm.directories[1].get(["aio.0.1"], use_cache=False, return_future=True)
+        best = await swarm.directories[1].find_best_experts(
+            "aio", [np.array([[0.0, 1.0]]), np.array([[1.0, 0.0]])], 2, return_future=True
+        )
+        listed = await swarm.directories[2].list_experts("aio", return_future=True)
         return stored, found, best, listed
 
     stored, found, best, listed = asyncio.run(scenario())
@@ -550,3 +573,18 @@ def test_identity_path_keeps_the_peer_id(tmp_path):
     assert identity.exists()
     with dht_node(identity_path=str(identity)) as node:
         assert node.peer_id == peer_id
+
+
+def test_start_failures_say_what_to_check(tmp_path):
+    with pytest.raises(ValueError, match=r"bad initial peer '127.0.0.1:1': expected a multiaddr like /ip4/HOST"):
+        DHTNode(initial_peers=["127.0.0.1:1"])
+    with pytest.raises(ValueError, match="bad initial peer .*/p2p/PEER_ID"):
+        DHTNode(initial_peers=["/ip4/127.0.0.1/tcp/1"])  # no peer id
+    garbage = tmp_path / "identity.key"
+    garbage.write_bytes(b"not a key")
+    with pytest.raises(ValueError, match=f"{garbage} is not a libp2p identity file"):
+        DHTNode(identity_path=str(garbage))
+    unreachable = "/ip4/127.0.0.1/tcp/1/p2p/QmXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX"
+    with pytest.raises(DHTUnavailableError, match="none of the initial peers answered") as info:
+        DHTNode(initial_peers=[unreachable], start_attempts=1)
+    assert unreachable in str(info.value) and "\n" not in str(info.value)

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proto import deserialize_tensor, expert_pb2, serialize_tensor
+from proto import Method, deserialize_tensor, expert_pb2, serialize_tensor
 from proto.dmoe.v1 import tensor_pb2
 from tests.conftest import running_peer
 
@@ -26,7 +26,7 @@ ALLOWED = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
-METHODS = ("Forward", "Backward", "Info")
+METHODS = (Method.FORWARD, Method.BACKWARD, Method.INFO)
 
 
 def _rss_mb() -> float:
@@ -41,7 +41,7 @@ def _rss_mb() -> float:
 def fuzz_target():
     with running_peer(hidden_dim=16, max_batch_size=1024) as peer:
         channel = grpc.insecure_channel(peer.endpoint)
-        calls = {m: channel.unary_unary(f"/dmoe.v1.ExpertService/{m}") for m in METHODS}
+        calls = {m: channel.unary_unary(m.path) for m in METHODS}
         good_x = torch.randn(3, 16)
         good = expert_pb2.ExpertRequest(uid="ffn.0", tensors=[serialize_tensor(good_x)]).SerializeToString()
         reference = deserialize_tensor(

@@ -167,12 +167,14 @@ class Process:
                 log.write(line)
                 log.flush()
 
-    def wait_for(self, needle: str, timeout: float) -> None:
+    def wait_for_file(self, path: Path, timeout: float) -> str:
+        """The text of `path` once this process has written it (its readiness signal); fails if it exits first."""
         deadline = time.monotonic() + timeout
-        while not any(needle in line for line in list(self.lines)):
+        while not (path.exists() and (text := path.read_text())):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"no {needle!r} from {self.proc.args}:\n{''.join(self.lines)[-4000:]}")
+                raise AssertionError(f"no {path.name} from {self.proc.args}:\n{''.join(self.lines)[-4000:]}")
             time.sleep(0.2)
+        return text
 
     def terminate(self) -> None:
         if self.proc.poll() is None:
@@ -221,6 +223,14 @@ class Swarm:
         driver = Process(argv, self.workdir / f"{name}.log")
         self.processes.append(driver)
         return driver, stop_file
+
+    def stop_driver(self, driver: Process, stop_file: Path) -> None:
+        """Ask the driver to stop (its stop file); kill its process group if it has not exited within 30 s."""
+        stop_file.touch()
+        try:
+            driver.proc.wait(30)
+        finally:
+            driver.stop(timeout=0.1)
 
 
 def steps(driver: Process) -> list[dict]:
@@ -280,11 +290,13 @@ def swarm(tmp_path_factory) -> Iterator[Swarm]:
                 str(DHT_PORT),
                 "--identity",
                 str(IDENTITY),
+                "--addr-file",
+                str(workdir / "dht.addrs"),
             ],
             workdir / "dht.log",
         )
         processes.append(dht)
-        dht.wait_for("DHT node running", 60)
+        dht.wait_for_file(workdir / "dht.addrs", 60)
         peers = {}
         for name, address in addresses.items():
             peers[name] = f"{address}:{PEER_PORT}"
@@ -320,12 +332,15 @@ def swarm(tmp_path_factory) -> Iterator[Swarm]:
                         "30",
                         "--shutdown-grace",
                         "1",
+                        "--endpoint-file",
+                        str(workdir / f"{name}.json"),
                     ],
                     workdir / f"{name}.log",
                 )
             )
-        for process, endpoint in zip(processes[1:], peers.values(), strict=True):
-            process.wait_for(f"at {endpoint}", 90)  # ready, and announcing its namespace's address
+        for process, (name, endpoint) in zip(processes[1:], peers.items(), strict=True):
+            info = json.loads(process.wait_for_file(workdir / f"{name}.json", 90))
+            assert info["endpoint"] == endpoint, "a ready peer announces its namespace's address"
         yield Swarm(topology, initial_peer, peers, processes, workdir)
     finally:
         for process in processes:  # all at once: each peer takes a moment to finish and save
@@ -384,8 +399,7 @@ def test_a_peer_cut_off_mid_training_is_trained_around_and_used_again_once_back(
                 for other in others:
                     swarm.topology.restore(other)
     finally:
-        stop_file.touch()
-        driver.proc.wait(30)
+        swarm.stop_driver(driver, stop_file)
     failed = [r for r in steps(driver) if not r["ok"]]
     assert not failed, f"every step succeeds: {failed[:3]}"
 
@@ -401,8 +415,7 @@ def test_the_router_prefers_fast_replicas_to_one_behind_a_slow_link(swarm):
     try:
         records = wait_steps(driver, 60, 120)
     finally:
-        stop_file.touch()
-        driver.proc.wait(30)
+        swarm.stop_driver(driver, stop_file)
     assert all(r["ok"] for r in records)
     tried = [r["seconds"] for r in records[:10] if r["served"].get(slow_peer)]
     assert tried and max(tried) >= 0.05, "the router tried the slow replica, and the link is slow indeed"

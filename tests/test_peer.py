@@ -110,8 +110,10 @@ def test_every_bad_request_gets_its_status_code_and_the_next_good_one_succeeds(p
         stub.Forward(expert_pb2.ExpertRequest(uid="ffn.0", tensors=[message]), timeout=5)
 
     def garbage_bytes():
+        from proto import Method
+
         with grpc.insecure_channel(peer.endpoint) as channel:
-            raw = channel.unary_unary("/dmoe.v1.ExpertService/Forward")
+            raw = channel.unary_unary(Method.FORWARD.path)
             raw(b"\xff\xff\xff\xff garbage \x00\x01", timeout=5)
 
     def nan_gradient():
@@ -200,9 +202,11 @@ def test_work_whose_deadline_passed_is_dropped_before_compute(tmp_path):
 
 def test_shutting_down_peer_answers_unavailable(peer, stub):
     peer.servicer.closing = True
-    code, details = status_of(lambda: forward(stub, "ffn.0", torch.randn(2, 16)))
+    try:
+        code, details = status_of(lambda: forward(stub, "ffn.0", torch.randn(2, 16)))
+    finally:
+        peer.servicer.closing = False
     assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details
-    peer.servicer.closing = False
 
 
 def test_full_queue_answers_resource_exhausted():
@@ -273,4 +277,7 @@ def test_graceful_stop_finishes_in_flight_work_and_refuses_new_work(tmp_path):
             assert deserialize_tensor(in_flight.result().tensors[0]).shape == (2, 16)
             stopping.result(15)
     finally:
-        loop.close()
+        try:
+            loop.run(peer.stop(), timeout=30)  # stop is idempotent: this waits for a stop already under way
+        finally:
+            loop.close()

@@ -14,7 +14,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dht import DHTNode, ExpertDirectory
-from proto import deserialize_tensor, expert_pb2, expert_pb2_grpc, serialize_tensor
+from proto import CLIENT_ID_METADATA, deserialize_tensor, expert_pb2, expert_pb2_grpc, serialize_tensor
 from router_client import RemoteExpert, RemoteExpertError, RemoteMixtureOfExperts
 from tests.certs import CertificateAuthority
 from tests.conftest import REPO, PeerProcess, running_peer, swarm
@@ -89,7 +89,7 @@ def test_a_flooding_client_does_not_starve_another(tmp_path):
             request = expert_pb2.ExpertRequest(uid="s.0", tensors=[serialize_tensor(torch.ones(4, 16))])
             try:
                 expert_pb2_grpc.ExpertServiceStub(channel).Forward(
-                    request, timeout=20, metadata=(("dmoe-client-id", client_id),)
+                    request, timeout=20, metadata=((CLIENT_ID_METADATA, client_id),)
                 )
                 return grpc.StatusCode.OK
             except grpc.RpcError as exc:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,9 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dmoe_cli.swarm import LocalSwarm, SwarmConfig, assign_experts
-
-REPO = Path(__file__).resolve().parent.parent
-
+from tests.conftest import DMOE, REPO, dies_with_test_run, kill_process_group
 
 # --- /proc helpers: the whole process tree, so that grandchildren (DHT daemons) are checked too ---
 
@@ -47,6 +45,21 @@ def descendants(root: int) -> set[int]:
                 found.add(child)
                 todo.append(child)
     return found
+
+
+def group_members(pgid: int) -> set[int]:
+    """Every live process whose process group is `pgid`."""
+    members = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.add(int(entry.name))
+    return members
 
 
 def running(pids: set[int]) -> set[int]:
@@ -171,6 +184,10 @@ def test_a_swarm_serves_every_expert_twice_survives_a_restart_and_leaves_no_proc
     assert swarm.initial_peers and all(maddr.startswith("/") for maddr in swarm.initial_peers)
     _check_replicas(swarm)
     assert "peer serving" in swarm.peer_log(0).read_text()
+    for index, info in enumerate(swarm.peer_info):  # what each peer's endpoint file said when it was ready
+        assert info["pid"] == swarm.peer_processes[index].pid and info["endpoint"] == swarm.peer_endpoints[index]
+        assert info["experts"] == swarm.assignments[index] and info["dht_maddrs"] and info["peer_id"]
+        assert info["resumed"] == {uid: None for uid in swarm.assignments[index]}, "no checkpoints: a fresh start"
 
     killed = swarm.peer_processes[1].pid
     group = descendants(killed) | {killed}
@@ -180,6 +197,7 @@ def test_a_swarm_serves_every_expert_twice_survives_a_restart_and_leaves_no_proc
     assert not left, f"SIGKILL takes the peer's whole process group down: {_describe(left)}"
     swarm.restart_peer(1)
     assert swarm.peer_processes[1].pid != killed
+    assert swarm.peer_info[1]["pid"] == swarm.peer_processes[1].pid, "the new run's file, not the killed one's"
     _check_replicas(swarm)
 
     tree = descendants(os.getpid())
@@ -187,6 +205,7 @@ def test_a_swarm_serves_every_expert_twice_survives_a_restart_and_leaves_no_proc
     try:
         swarm.stop()
         assert all(p.poll() is not None for p in swarm.processes)
+        assert not any(swarm.peer_endpoint_file(i).exists() for i in range(3)), "a clean stop removes the files"
         assert not running(tree - _shm_managers(tree)), f"left after stop(): {_describe(running(tree))}"
         assert not wait_gone(tree | group, 10), f"left after stop(): {_describe(running(tree | group))}"
         swarm.stop()  # idempotent
@@ -216,19 +235,14 @@ def test_a_peer_that_cannot_start_is_reported_with_its_output(tmp_path):
 # --- the `dmoe swarm` command ---
 
 
-def _swarm_command() -> list[str]:
-    from dmoe_cli import commands
-
-    if "swarm" in commands.COMMANDS:
-        return [sys.executable, "-m", "dmoe_cli", "swarm"]
-    return [sys.executable, "-m", "dmoe_cli.swarm"]  # until the subcommand is registered
-
-
 @contextmanager
 def swarm_command(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen, list[str], set[int]]]:
-    """A `dmoe swarm` process, returned once it printed how to connect; it and all below it die at teardown."""
+    """A `dmoe swarm` process in its own process group, returned once its `--addr-file` says the swarm is ready
+    and it printed how to connect; its group, and every process below it, die at teardown."""
+    addr_file = tmp_path / "dht.txt"
     command = [
-        *_swarm_command(),
+        *DMOE,
+        "swarm",
         "--peers",
         "2",
         "--experts-per-peer",
@@ -236,33 +250,43 @@ def swarm_command(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen
         "--hidden-dim",
         "8",
         "--addr-file",
-        str(tmp_path / "dht.txt"),
+        str(addr_file),
         "--log-dir",
         str(tmp_path / "logs"),
         *args,
     ]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+        preexec_fn=dies_with_test_run(),
+    )
     output: list[str] = []
-    ready = threading.Event()
+    printed = threading.Event()
 
     def read() -> None:
         for line in proc.stdout:
             output.append(line)
             if line.startswith("Ctrl-C"):
-                ready.set()
-        ready.set()
+                printed.set()
+        printed.set()
 
     threading.Thread(target=read, daemon=True).start()
     tree: set[int] = set()
     try:
-        assert ready.wait(90) and proc.poll() is None, "dmoe swarm did not start:\n" + "".join(output)
+        deadline = time.monotonic() + 90
+        while not addr_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert addr_file.exists() and proc.poll() is None, "dmoe swarm did not start:\n" + "".join(output)
+        assert printed.wait(30), "dmoe swarm printed no summary:\n" + "".join(output)
         tree = descendants(proc.pid)
         yield proc, output, tree
     finally:
         tree |= descendants(proc.pid)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+        kill_process_group(proc)
         kill_all(tree)
 
 
@@ -289,3 +313,54 @@ def test_sigkill_of_the_swarm_command_leaves_no_orphans(tmp_path):
         proc.kill()
         proc.wait(10)
         assert not wait_gone(tree, 30), "orphans outlived the SIGKILLed swarm"
+
+
+# --- the fixtures themselves ---
+
+# A peer whose custom module starts a helper process that, unlike the DHT daemons, does not end with the peer:
+# only killing the peer's whole process group ends it.
+STUBBORN_MODULE = """
+import subprocess
+subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+"""
+
+FAILING_TEST = """
+import json, os
+from pathlib import Path
+
+from tests.conftest import PeerProcess
+from tests.test_swarm import descendants
+
+
+def test_that_fails_while_a_peer_runs(peer_processes):
+    module = os.environ["DMOE_TEST_MODULE"]
+    process = PeerProcess(["--experts", "ffn.0", "--hidden-dim", "8", "--custom-module", module])
+    peer_processes.append(process)
+    pid = process.proc.pid
+    Path(os.environ["DMOE_TEST_RECORD"]).write_text(json.dumps({"pid": pid, "below": sorted(descendants(pid))}))
+    assert False, "fails on purpose"
+"""
+
+
+@pytest.mark.slow
+def test_a_failing_test_leaves_no_process_of_its_peer_behind(tmp_path):
+    test_file, record, module = tmp_path / "test_fails.py", tmp_path / "record.json", tmp_path / "stubborn.py"
+    test_file.write_text(FAILING_TEST)
+    module.write_text(STUBBORN_MODULE)
+    run = subprocess.run(
+        [*DMOE[:1], "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider", str(test_file)],
+        cwd=REPO,
+        env={**os.environ, "DMOE_TEST_RECORD": str(record), "DMOE_TEST_MODULE": str(module)},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 1 and "fails on purpose" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+    started = json.loads(record.read_text())
+    assert len(started["below"]) >= 2, "the peer had started its DHT daemon and the stubborn helper"
+    pids = {started["pid"], *started["below"]}
+    left = wait_gone(pids - _shm_managers(pids), 10) | group_members(started["pid"])
+    try:
+        assert not left, f"outlived the failing test: {_describe(left)}"
+    finally:
+        kill_all(left)

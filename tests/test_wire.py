@@ -1,12 +1,15 @@
-"""`proto.wire`: Forward/Backward messages as bytes, large lossless tensors without protobuf objects.
+"""The wire contract: `proto.contract` and every message's encoder and decoder.
 
-Round trips (bit-exact, every dtype, both paths), compatibility with protobuf both ways, and hostile bytes.
+`proto.wire` (Forward/Backward messages as bytes, large lossless tensors without protobuf objects): round trips
+(bit-exact, every dtype, both paths), compatibility with protobuf both ways, and hostile bytes. Then the contract
+(names match the generated service, no torch needed) and the batch, stream and Info messages.
 """
 
 from __future__ import annotations
 
 import random
 
+import grpc
 import pytest
 import torch
 
@@ -15,8 +18,25 @@ from proto import (
     COMPRESSION_FLOAT16,
     MAX_NDIM,
     SUPPORTED_DTYPES,
+    ExpertStatus,
+    Method,
+    PartFailure,
+    StreamedRequest,
     TensorDecodeError,
+    TensorSpec,
+    contract,
+    decode_batch_request,
+    decode_batch_response,
+    decode_info_request,
+    decode_info_response,
+    decode_stream_response,
     deserialize_tensor,
+    encode_batch_request,
+    encode_batch_response,
+    encode_info_request,
+    encode_info_response,
+    encode_stream_request,
+    encode_stream_response,
     expert_pb2,
     serialize_tensor,
     tensor_pb2,
@@ -517,7 +537,7 @@ def test_a_peer_serves_large_requests_through_the_raw_path_and_refuses_bad_ones(
         assert peer.backends["ffn.1"].update_count == 1
 
         with grpc.insecure_channel(peer.endpoint) as channel:
-            call = channel.unary_unary("/dmoe.v1.ExpertService/Forward")
+            call = channel.unary_unary(Method.FORWARD.path)
 
             def status(raw: bytes) -> grpc.StatusCode:
                 try:
@@ -555,3 +575,157 @@ def test_a_peer_serves_large_requests_through_the_raw_path_and_refuses_bad_ones(
                 call(expert_pb2.ExpertRequest(uid="ffn.0", tensors=[serialize_tensor(x)]).SerializeToString())
             )
             torch.testing.assert_close(deserialize_tensor(answer.tensors[0]), reference)
+
+
+# ------------------------------------------------------------------------------------------------- contract
+
+
+def test_the_contract_names_every_method_of_the_generated_service_and_its_kind():
+    service = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"]
+    assert contract.SERVICE_NAME == service.full_name == "dmoe.v1.ExpertService"
+    assert [m.value for m in Method] == [m.name for m in service.methods]
+    for descriptor in service.methods:
+        method = Method(descriptor.name)
+        assert method.streaming == descriptor.client_streaming
+        assert (method.streaming or method.streams_answers) == descriptor.server_streaming
+        assert method.batched == (descriptor.input_type.name == "ExpertRequestBatch")
+        assert method.path == f"/dmoe.v1.ExpertService/{descriptor.name}" == contract.method_path(descriptor.name)
+        assert Method.from_path(method.path) is method
+    assert Method.from_path("/grpc.health.v1.Health/Check") is None
+    assert Method.from_path(f"/{contract.SERVICE_NAME}/Nope") is None
+    assert (Method.unary(True), Method.stream(False), Method.many(True)) == (
+        Method.BACKWARD,
+        Method.FORWARD_STREAM,
+        Method.BACKWARD_MANY,
+    )
+    assert Method.BACKWARD_STREAM.backward and not Method.FORWARD_MANY.backward and not Method.INFO.backward
+    assert all(prefix.startswith(f"/{contract.HEALTH_SERVICE}/") for prefix in contract.OPEN_SERVICES)
+
+
+def test_the_contract_and_the_health_check_import_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, proto.contract, dmoe_cli.healthcheck; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_a_full_batch_of_coalesced_requests_fits_in_one_message():
+    limit = contract.MAX_BATCH_PARTS * contract.COALESCE_BYTES
+    assert contract.fits_one_message(limit, contract.DEFAULT_MAX_MESSAGE_BYTES)
+
+
+# -------------------------------------------------------------------------------------- batches, streams, Info
+
+
+def test_a_batch_request_round_trips_part_by_part():
+    x, y = make((3, 16), torch.float32), make((2, 4), torch.bfloat16)
+    raw = encode_batch_request(
+        [("ffn.0", [x], 0), ("ffn.1", [x, y], 9)], compression=0, response_compression=COMPRESSION_FLOAT16
+    )
+    first, second = decode_batch_request(raw)
+    assert (first.uid, first.forward_id, second.uid, second.forward_id) == ("ffn.0", 0, "ffn.1", 9)
+    assert first.response_compression == second.response_compression == COMPRESSION_FLOAT16
+    assert_bit_exact(first.tensors()[0], x)
+    assert [t.dtype for t in second.tensors()] == [torch.float32, torch.bfloat16]
+    with pytest.raises(ValueError, match="1 to"):
+        encode_batch_request([])
+    with pytest.raises(ValueError, match="1 to"):
+        encode_batch_request([("ffn.0", [x], 0)] * (contract.MAX_BATCH_PARTS + 1))
+
+
+def test_a_batch_response_carries_tensors_or_a_status_per_part():
+    x = make((3, 16), torch.float32)
+    failure = PartFailure(grpc.StatusCode.NOT_FOUND, "no ffn.9 here")
+    raw = encode_batch_response([[x], failure, [x]], compressions=[0, 0, COMPRESSION_FLOAT16])
+    ok, failed, half = decode_batch_response(raw, 3)
+    assert ok.failure is None and failed.failure == failure and half.failure is None
+    assert_bit_exact(ok.tensors()[0], x)
+    torch.testing.assert_close(half.tensors()[0], x, atol=1e-2, rtol=1e-3)
+    with pytest.raises(TensorDecodeError, match="3 results for 2 requests"):
+        decode_batch_response(raw, 2)
+    unknown = expert_pb2.ExpertResponseBatch(results=[expert_pb2.ExpertResult(code=999, message="?")])
+    (result,) = decode_batch_response(unknown.SerializeToString(), 1)
+    assert result.failure == PartFailure(grpc.StatusCode.UNKNOWN, "?")
+    bad = expert_pb2.ExpertResponseBatch(
+        results=[expert_pb2.ExpertResult(response=expert_pb2.ExpertResponse(tensors=[tensor_pb2.Tensor(dtype=1)]))]
+    )
+    (result,) = decode_batch_response(bad.SerializeToString(), 1)
+    with pytest.raises(TensorDecodeError):  # a part's bad tensors fail that part alone, when it is read
+        result.tensors()
+
+
+@pytest.mark.parametrize("name", ["garbage", "empty", "too many parts"])
+def test_malformed_batch_requests_raise_tensor_decode_error(name):
+    one = expert_pb2.ExpertRequest(uid="ffn.0")
+    raw = {
+        "garbage": b"\xff\xff\xff\xff garbage",
+        "empty": b"",
+        "too many parts": expert_pb2.ExpertRequestBatch(
+            requests=[one] * (contract.MAX_BATCH_PARTS + 1)
+        ).SerializeToString(),
+    }[name]
+    with pytest.raises(TensorDecodeError):
+        decode_batch_request(raw)
+    with pytest.raises(TensorDecodeError):
+        decode_batch_response(b"\xff\xff\xff\xff garbage", 1)
+
+
+def test_a_stream_request_and_response_round_trip_in_chunks():
+    x, y = make((300, 128), torch.float32), make((7, 3), torch.int64)
+    messages = list(encode_stream_request("ffn.2", [x, y], chunk_bytes=10_000, response_compression=1, forward_id=4))
+    assert len(messages) > 10 and all(len(raw) < 10_100 for raw in messages)
+    stream = StreamedRequest()
+    for raw in messages:
+        stream.add(raw)
+    assert stream.received == sum(map(len, messages))
+    request = stream.finish()
+    assert (request.uid, request.response_compression, request.forward_id) == ("ffn.2", 1, 4)
+    decoded = request.tensors()
+    assert_bit_exact(decoded[0], x)
+    assert_bit_exact(decoded[1], y)
+    responses = list(encode_stream_response([x, y], chunk_bytes=10_000))
+    assert len(responses) > 10
+    out = decode_stream_response(responses)
+    assert_bit_exact(out[0], x)
+    assert_bit_exact(out[1], y)
+
+
+def test_malformed_streams_raise_tensor_decode_error():
+    with pytest.raises(TensorDecodeError, match="empty request stream"):
+        StreamedRequest().finish()
+    with pytest.raises(TensorDecodeError):
+        StreamedRequest().add(b"\xff\xff\xff\xff garbage")
+    messages = list(encode_stream_request("ffn.0", [make((300, 128), torch.float32)], chunk_bytes=10_000))
+    stream = StreamedRequest()
+    for raw in messages[:-1]:  # the last chunk never arrives
+        stream.add(raw)
+    with pytest.raises(TensorDecodeError, match="bad tensor chunks"):
+        stream.finish()
+    with pytest.raises(TensorDecodeError):
+        decode_stream_response(list(encode_stream_response([make((300, 128), torch.float32)], chunk_bytes=10_000))[1:])
+    with pytest.raises(ValueError):  # what serialize_tensor refuses, before the first message
+        encode_stream_request("ffn.0", [torch.tensor([float("nan")])], chunk_bytes=8, compression=COMPRESSION_FLOAT16)
+
+
+def test_info_round_trips_as_typed_records():
+    status = ExpertStatus(
+        uid="ffn.3",
+        expert_cls="ffn",
+        inputs=(TensorSpec((-1, 16), torch.float32),),
+        outputs=(TensorSpec((-1, 16), torch.bfloat16),),
+        num_parameters=1234,
+        update_count=5,
+        updates_skipped=1,
+        max_batch_size=64,
+        queue_size=2,
+        tokens_per_second=12.5,
+        batches_processed=7,
+        requests_expired=3,
+    )
+    assert decode_info_request(encode_info_request("ffn.3")) == "ffn.3"
+    assert decode_info_request(encode_info_request()) == ""
+    assert decode_info_response(encode_info_response([status, status], "QmPeer")) == ([status, status], "QmPeer")
+    for decode in (decode_info_request, decode_info_response):
+        with pytest.raises(TensorDecodeError):
+            decode(b"\xff\xff\xff\xff garbage")

@@ -102,3 +102,21 @@ class InfoResponse(_message.Message):
     experts: _containers.RepeatedCompositeFieldContainer[ExpertInfo]
     peer_id: str
     def __init__(self, experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., peer_id: _Optional[str] = ...) -> None: ...
+
+class StateRequest(_message.Message):
+    __slots__ = ("uid", "round")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    round: int
+    def __init__(self, uid: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class StateChunk(_message.Message):
+    __slots__ = ("update_count", "name", "tensor")
+    UPDATE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    update_count: int
+    name: str
+    tensor: _tensor_pb2.Tensor
+    def __init__(self, update_count: _Optional[int] = ..., name: _Optional[str] = ..., tensor: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...

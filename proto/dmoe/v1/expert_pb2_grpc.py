@@ -73,6 +73,11 @@ class ExpertServiceStub:
                 request_serializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.InfoRequest.SerializeToString,
                 response_deserializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.GetState = channel.unary_stream(
+                '/dmoe.v1.ExpertService/GetState',
+                request_serializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.StateRequest.SerializeToString,
+                response_deserializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.StateChunk.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -133,6 +138,14 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetState(self, request, context):
+        """The whole state of one expert (parameters, optimizer state, update count) as named tensors in chunks: what
+        replicas of one uid exchange to average with each other, and what a new replica loads before it serves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +183,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.InfoRequest.FromString,
                     response_serializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.InfoResponse.SerializeToString,
+            ),
+            'GetState': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetState,
+                    request_deserializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.StateRequest.FromString,
+                    response_serializer=proto_dot_dmoe_dot_v1_dot_expert__pb2.StateChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -365,6 +383,33 @@ class ExpertService:
             '/dmoe.v1.ExpertService/Info',
             proto_dot_dmoe_dot_v1_dot_expert__pb2.InfoRequest.SerializeToString,
             proto_dot_dmoe_dot_v1_dot_expert__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dmoe.v1.ExpertService/GetState',
+            proto_dot_dmoe_dot_v1_dot_expert__pb2.StateRequest.SerializeToString,
+            proto_dot_dmoe_dot_v1_dot_expert__pb2.StateChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,26 +1,26 @@
-"""The client's jobs: train the reference model against a swarm (`dmoe train`) and sample from it (`dmoe infer`).
+"""The client's jobs: train the reference model over a swarm (`dmoe train`) and sample from it (`dmoe infer`).
 
 The loop is flat on purpose: sample a batch, forward, backward (the remote experts receive their gradients
 and step their own optimizers on the peers), clip, step AdamW on the client's own weights, report, evaluate,
 save. A step whose forward or backward raises (say, no expert answered) is skipped and leaves the weights
 untouched; only `max_failed_steps` failures in a row stop training. Checkpoints hold the client's weights,
-optimizer, step, data-sampler state and `ModelConfig`, written atomically (temporary file, fsync, rename), so
-a crash or Ctrl-C never leaves a torn file and `dmoe infer` can rebuild the model from the file alone.
+optimizer, step, data-sampler state and `ModelConfig`, written atomically (`peer.atomic_write_bytes`), so a
+crash or Ctrl-C never leaves a torn file and `dmoe infer` can rebuild the model from the file alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,10 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from router_client.config import _opt
-from router_client.corpus import load_corpus, sample_batch, split_train_val
-from router_client.model import CharTransformer, ModelConfig
+from dmoe_cli.config_args import config_field, nested_config
+from models import CharTransformer, ModelConfig, load_corpus, sample_batch, split_train_val
+from peer import atomic_write_bytes
+from router_client import RouterConfig
 
 logger = logging.getLogger(__name__)
 
@@ -41,148 +42,89 @@ SAMPLE_PROMPT = "def "
 
 
 @dataclass
-class SwarmAccess:
-    """How a job reaches a private or partly untrusted swarm (see SECURITY.md); fields of `RouterConfig`."""
-
-    swarm_key: str | None = _opt(None, "shared secret of a private swarm (default: DMOE_SWARM_KEY)")
-    tls_ca: str | None = _opt(None, "PEM CA bundle the peers' certificates chain to: connect over TLS")
-    tls_cert: str | None = _opt(None, "PEM client certificate, for peers that require mutual TLS")
-    tls_key: str | None = _opt(None, "PEM private key of --tls-cert")
-    trusted_peers: str | None = _opt(None, "file of trusted peer ids, one per line: route only to those peers")
-    verify_fraction: float = _opt(0.0, "fraction of requests repeated on a second replica to catch lying peers")
-
-
-SWARM_ACCESS_FIELDS = ("swarm_key", "tls_ca", "tls_cert", "tls_key", "trusted_peers", "verify_fraction")
-
-
-@dataclass
-class TrainConfig(SwarmAccess):
+class TrainConfig:
     """Everything `dmoe train` needs: the swarm to join, the corpus, the model's shape, the loop's settings.
 
-    Every field is also a `dmoe train` flag (`--batch-size` for `batch_size`) and an environment variable
-    (`DMOE_BATCH_SIZE`); a flag wins over the variable, the variable over the default. `steps` is the step
-    count to reach: a resumed run continues from the step saved in `checkpoint`.
+    `model` is the shape of the reference model and `router` how its layers reach the experts. Every field,
+    theirs included, is also a `dmoe train` flag (`--batch-size` for `batch_size`, `--k-min` for
+    `router.k_min`) and an environment variable (`DMOE_BATCH_SIZE`, `DMOE_K_MIN`); a flag wins over the
+    variable, the variable over the default. `steps` is the step count to reach: a resumed run continues from
+    the step saved in `checkpoint`.
     """
 
-    initial_peers: list[str] = _opt((), "multiaddrs of DHT nodes of the swarm to train with", nargs="*")
-    corpus: str | None = _opt(None, "text file or folder to train on (default: this Python's stdlib sources)")
-    max_corpus_bytes: int = _opt(8_000_000, "read at most this many bytes of the corpus")
-    steps: int = _opt(300, "train until the step counter reaches this (a resumed run counts its saved steps)")
-    batch_size: int = _opt(16, "sequences per step")
-    block_size: int = _opt(64, "bytes per sequence (the model's context length)")
-    n_layer: int = _opt(2, "transformer blocks, each with its own remote mixture of experts")
-    n_head: int = _opt(4, "attention heads per block")
-    n_embd: int = _opt(64, "width of the model; the peers' experts must have this --hidden-dim")
-    dropout: float = _opt(0.0, "dropout of the client's own layers")
-    lr: float = _opt(3e-3, "AdamW learning rate of the client's own weights (the gates included)")
-    weight_decay: float = _opt(0.01, "AdamW weight decay")
-    grad_clip: float | None = _opt(1.0, "clip the client's gradient to this norm (none to disable)")
-    ffn: str = _opt(
-        "remote", "FFN of each block: remote experts, or a local stand-in (no swarm)", choices=("remote", "local")
-    )
-    grid_size: list[int] = _opt((8,), "expert grid: 8 for ffn.0..ffn.7, '4 4' for ffn.0.0..ffn.3.3", nargs="+")
-    uid_prefix: str = _opt("ffn", "uid prefix of the experts to route to")
-    k_best: int = _opt(2, "experts each token is sent to")
-    k_min: int = _opt(1, "experts that must answer for each token")
-    forward_timeout: float = _opt(5.0, "seconds for a whole remote forward, lookup included")
-    backward_timeout: float = _opt(5.0, "seconds for a whole remote backward")
-    timeout_after_k_min: float = _opt(1.0, "once every token has k_min answers, wait at most this long for the rest")
-    allow_zero_outputs: bool = _opt(True, "a token whose experts all failed gets zeros instead of failing the step")
-    aux_loss_weight: float = _opt(0.01, "weight of the routers' load-balancing loss in the training loss")
-    max_failed_steps: int = _opt(20, "failed steps in a row (e.g. no expert answered) before training stops")
-    checkpoint: str = _opt("runs/client.pt", "file for the client's weights, optimizer and step")
-    resume: bool = _opt(True, "resume from --checkpoint when it exists")
-    save_every: int = _opt(100, "steps between checkpoints (also saved at the end and on Ctrl-C)")
-    eval_every: int = _opt(50, "steps between validation losses (0 disables)")
-    eval_batches: int = _opt(4, "batches per validation loss")
-    seed: int = _opt(0, "seed of the client's initial weights and of the batch sampler")
-    threads: int | None = _opt(
+    initial_peers: list[str] = config_field((), "multiaddrs of DHT nodes of the swarm to train with", nargs="*")
+    corpus: str | None = config_field(None, "text file or folder to train on (default: this Python's stdlib sources)")
+    max_corpus_bytes: int = config_field(8_000_000, "read at most this many bytes of the corpus")
+    steps: int = config_field(300, "train until the step counter reaches this (a resumed run counts its saved steps)")
+    batch_size: int = config_field(16, "sequences per step")
+    lr: float = config_field(3e-3, "AdamW learning rate of the client's own weights (the gates included)")
+    weight_decay: float = config_field(0.01, "AdamW weight decay")
+    grad_clip: float | None = config_field(1.0, "clip the client's gradient to this norm (none to disable)")
+    max_failed_steps: int = config_field(20, "failed steps in a row (e.g. no expert answered) before training stops")
+    checkpoint: str = config_field("runs/client.pt", "file for the client's weights, optimizer and step")
+    resume: bool = config_field(True, "resume from --checkpoint when it exists")
+    save_every: int = config_field(100, "steps between checkpoints (also saved at the end and on Ctrl-C)")
+    eval_every: int = config_field(50, "steps between validation losses (0 disables)")
+    eval_batches: int = config_field(4, "batches per validation loss")
+    seed: int = config_field(0, "seed of the client's initial weights and of the batch sampler")
+    threads: int | None = config_field(
         None,
         "torch intra-op threads of this process (default: torch's choice; 1 is "
         "often faster for this small model on a busy machine)",
     )
-    sample_chars: int = _opt(200, "bytes of text to sample at the end of training (0 to skip)")
+    sample_chars: int = config_field(200, "bytes of text to sample at the end of training (0 to skip)")
+    model: ModelConfig = nested_config(ModelConfig, hidden=("vocab_size",))
+    router: RouterConfig = field(default_factory=RouterConfig)
 
 
 @dataclass
-class InferConfig(SwarmAccess):
-    """Everything `dmoe infer` needs: a client checkpoint, the swarm to ask, a prompt and sampling settings."""
+class InferConfig:
+    """Everything `dmoe infer` needs: a client checkpoint, the swarm to ask, a prompt and sampling settings.
 
-    checkpoint: str = _opt("runs/client.pt", "client checkpoint written by `dmoe train`")
-    prompt: str = _opt("def ", "text to continue")
-    max_new_tokens: int = _opt(200, "bytes to generate")
-    temperature: float = _opt(0.8, "sampling temperature; 0 picks the likeliest byte every time")
-    top_k: int | None = _opt(None, "sample only among the k likeliest bytes (none: all)")
-    seed: int | None = _opt(None, "seed for sampling (none: random)")
-    initial_peers: list[str] = _opt((), "multiaddrs of DHT nodes of the swarm that hosts the experts", nargs="*")
-    k_min: int = _opt(1, "experts that must answer for each token")
-    forward_timeout: float = _opt(5.0, "seconds for a whole remote forward, lookup included")
-    timeout_after_k_min: float = _opt(1.0, "once every token has k_min answers, wait at most this long for the rest")
-    allow_zero_outputs: bool = _opt(True, "a token whose experts all failed gets zeros instead of an error")
+    The model's shape comes from the checkpoint; `router` is how its layers reach the experts (the backward
+    knobs are no flags of `dmoe infer`: inference never runs a backward).
+    """
 
-
-def model_config_from(config: TrainConfig) -> ModelConfig:
-    """The model shape a `TrainConfig` asks for."""
-    return ModelConfig(
-        block_size=config.block_size,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        n_embd=config.n_embd,
-        dropout=config.dropout,
-        grid_size=tuple(config.grid_size),
-        uid_prefix=config.uid_prefix,
-        k_best=config.k_best,
-        aux_loss_weight=config.aux_loss_weight,
-        ffn=config.ffn,
+    checkpoint: str = config_field("runs/client.pt", "client checkpoint written by `dmoe train`")
+    prompt: str = config_field("def ", "text to continue")
+    max_new_tokens: int = config_field(200, "bytes to generate")
+    temperature: float = config_field(0.8, "sampling temperature; 0 picks the likeliest byte every time")
+    top_k: int | None = config_field(None, "sample only among the k likeliest bytes (none: all)")
+    seed: int | None = config_field(None, "seed for sampling (none: random)")
+    initial_peers: list[str] = config_field(
+        (), "multiaddrs of DHT nodes of the swarm that hosts the experts", nargs="*"
     )
+    router: RouterConfig = nested_config(RouterConfig, hidden=("backward_k_min", "backward_timeout"))
 
 
 def router_kwargs_from(config: TrainConfig | InferConfig) -> dict[str, Any]:
-    """Keyword arguments for `RemoteMixtureOfExperts` taken from a job's config."""
-    kwargs: dict[str, Any] = dict(
-        initial_peers=list(config.initial_peers) or None,
-        k_min=config.k_min,
-        forward_timeout=config.forward_timeout,
-        timeout_after_k_min=config.timeout_after_k_min,
-        allow_zero_outputs=config.allow_zero_outputs,
-    )
-    if isinstance(config, TrainConfig):
-        kwargs["backward_timeout"] = config.backward_timeout
-    kwargs.update({name: getattr(config, name) for name in SWARM_ACCESS_FIELDS})
-    return kwargs
+    """Keyword arguments for `RemoteMixtureOfExperts` taken from a job's config: its swarm and its router."""
+    return dict(initial_peers=list(config.initial_peers) or None, config=config.router)
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write `state` to `path` atomically: a temporary file in the same folder, fsync, then rename over `path`."""
+    """Write `state` to `path` atomically (`peer.atomic_write_bytes`): a reader sees the old file or the new one."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # serialized first: a state that cannot be saved never touches the file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every platform)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a client checkpoint (tensors and plain values only; nothing is unpickled)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a dmoe client checkpoint (format {state.get('format')!r})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # not a torch file at all, or one holding more than tensors and plain values
+        raise ValueError(f"{path} is not a dmoe client checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not a dmoe client checkpoint (format {found!r})")
     return state
 
 
@@ -230,6 +172,11 @@ def expert_stats(model: CharTransformer) -> dict[str, float]:
     return totals
 
 
+def _without_secrets(train_config: dict[str, Any]) -> dict[str, Any]:
+    """A `TrainConfig` as a dict, fit to be stored in a checkpoint: the swarm key left out."""
+    return {**train_config, "router": {**train_config["router"], "swarm_key": None}}
+
+
 def _count(stats: Mapping[str, float], word: str) -> int:
     return int(sum(value for name, value in stats.items() if word in name))
 
@@ -257,21 +204,21 @@ def _stop_on_sigint() -> Iterator[threading.Event]:
 def train(config: TrainConfig, *, make_ffn: FFNFactory | None = None, progress: bool = True) -> dict[str, Any]:
     """Train the reference model on the corpus until `config.steps`, resuming from `config.checkpoint`.
 
-    `make_ffn(layer_index)` replaces the FFN of each block (default: from `config.ffn`). Returns a summary:
+    `make_ffn(layer_index)` replaces the FFN of each block (default: from `config.model.ffn`). Returns a summary:
     `step` (the step counter reached), `steps` (steps run by this call), `initial_loss` (training loss of this
     call's first step), `final_loss` (mean training loss of its last 10 steps), `val_loss` (at the end),
     `tokens_per_second`, `steps_per_second`, `elapsed` (seconds), `failed_steps`, `interrupted`,
     `expert_stats` (summed `.stats` of the FFN layers), `checkpoint`, and `sample` (prompt and sampled text,
     or None).
     """
-    model_config = model_config_from(config)
-    if make_ffn is None and config.ffn == "remote" and not config.initial_peers:
+    model_config = config.model
+    if make_ffn is None and model_config.ffn == "remote" and not config.initial_peers:
         raise ValueError("training with remote experts needs initial_peers (--initial-peers); or use --ffn local")
     if config.threads:
         torch.set_num_threads(config.threads)
     data = load_corpus(config.corpus, config.max_corpus_bytes)
     train_data, val_data = split_train_val(data)
-    if len(val_data) <= config.block_size:
+    if len(val_data) <= model_config.block_size:
         val_data = train_data  # a tiny corpus: validate on the training text rather than fail
     torch.manual_seed(config.seed)
     model = CharTransformer(model_config, make_ffn=make_ffn, router_kwargs=router_kwargs_from(config))
@@ -307,7 +254,7 @@ def train(config: TrainConfig, *, make_ffn: FFNFactory | None = None, progress: 
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "batch_rng": batch_rng.get_state(),
-                "train_config": {**dataclasses.asdict(config), "swarm_key": None},  # never store the secret
+                "train_config": _without_secrets(dataclasses.asdict(config)),
             },
         )
         logger.debug("saved %s at step %d", checkpoint, step)
@@ -323,7 +270,7 @@ def train(config: TrainConfig, *, make_ffn: FFNFactory | None = None, progress: 
     logger.info("model: %s, %d local parameters; training steps %d..%d", model_config, n_params, step, config.steps)
     start_step, losses, failures, failed_steps, val_loss = step, [], 0, 0, math.nan
     evaluated_at = -1
-    tokens_per_step = config.batch_size * config.block_size
+    tokens_per_step = config.batch_size * model_config.block_size
     model.train()
     started = time.perf_counter()
     bar = tqdm(total=config.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
@@ -332,7 +279,7 @@ def train(config: TrainConfig, *, make_ffn: FFNFactory | None = None, progress: 
             if config.eval_every and step % config.eval_every == 0 and step != evaluated_at:
                 val_loss, evaluated_at = evaluate(), step
                 logger.info("step %d: val loss %.4f", step, val_loss)
-            x, y = sample_batch(train_data, config.batch_size, config.block_size, batch_rng)
+            x, y = sample_batch(train_data, config.batch_size, model_config.block_size, batch_rng)
             optimizer.zero_grad(set_to_none=True)
             try:  # the remote part of the step: nothing of the client's has changed if it raises
                 _, loss = model(x, y)

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from router_client import RemoteMixtureOfExperts, config_field
+
 
 @dataclass
 class ModelConfig:
@@ -26,17 +28,21 @@ class ModelConfig:
     `grid_size`, `k_best` of them per token. Every layer routes over the same expert grid by default.
     """
 
-    vocab_size: int = 256
-    block_size: int = 64
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 64
-    dropout: float = 0.0
-    grid_size: tuple[int, ...] = (8,)
-    uid_prefix: str = "ffn"
-    k_best: int = 2
-    aux_loss_weight: float = 0.01
-    ffn: str = "remote"  # "remote": RemoteMixtureOfExperts; "local": a dense local stand-in (no swarm)
+    vocab_size: int = config_field(256, "token ids: one per byte value")
+    block_size: int = config_field(64, "bytes per sequence (the model's context length)")
+    n_layer: int = config_field(2, "transformer blocks, each with its own remote mixture of experts")
+    n_head: int = config_field(4, "attention heads per block")
+    n_embd: int = config_field(64, "width of the model; the peers' experts must have this --hidden-dim")
+    dropout: float = config_field(0.0, "dropout of the client's own layers")
+    grid_size: tuple[int, ...] = config_field(
+        (8,), "expert grid: 8 for ffn.0..ffn.7, '4 4' for ffn.0.0..ffn.3.3", nargs="+"
+    )
+    uid_prefix: str = config_field("ffn", "uid prefix of the experts to route to")
+    k_best: int = config_field(2, "experts each token is sent to")
+    aux_loss_weight: float = config_field(0.01, "weight of the routers' load-balancing loss in the training loss")
+    ffn: str = config_field(
+        "remote", "FFN of each block: remote experts, or a local stand-in (no swarm)", choices=("remote", "local")
+    )
 
     def __post_init__(self) -> None:
         self.grid_size = tuple(int(size) for size in self.grid_size)
@@ -51,14 +57,14 @@ def local_ffn(n_embd: int, hidden_mult: int = 4) -> nn.Module:
     return nn.Sequential(nn.Linear(n_embd, hidden_mult * n_embd), nn.GELU(), nn.Linear(hidden_mult * n_embd, n_embd))
 
 
-def default_ffn_factory(config: ModelConfig, **router_kwargs: Any) -> Callable[[int], nn.Module]:
+def default_ffn_factory(config: ModelConfig, /, **router_kwargs: Any) -> Callable[[int], nn.Module]:
     """The FFN factory that `config.ffn` names.
 
-    "remote": a `RemoteMixtureOfExperts` per layer, built with `router_kwargs`; "local": `local_ffn`.
+    "remote": a `RemoteMixtureOfExperts` per layer, built with `router_kwargs` (`initial_peers` or `dht`, and
+    `config`, a `RouterConfig`, or its fields); "local": `local_ffn`.
     """
     if config.ffn == "local":
         return lambda layer_index: local_ffn(config.n_embd)
-    from router_client.moe import RemoteMixtureOfExperts  # lazy: the model also runs without the router
 
     def make_ffn(layer_index: int) -> nn.Module:
         return RemoteMixtureOfExperts(
