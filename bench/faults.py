@@ -4,8 +4,8 @@ A local swarm (`dmoe_cli.swarm.LocalSwarm`: 4 peer processes, 8 experts of hidde
 the reference model (`models.CharTransformer`, 2 blocks, grid 8, top-2). Training runs without a
 pause while the run alternates *no-fault* and *fault* segments of equal length (interleaved, twice over);
 in a fault segment one peer is SIGKILLed at its start and every 10 s after, round robin, and restarted at once
-(it rejoins with a new port, so its old DHT record points at a dead address until it expires). The router runs
-with `allow_zero_outputs=False`, so a token that no expert served fails its step.
+(without a checkpoint dir it rejoins with a new port and peer id, so its old DHT record points at a dead address
+until it expires). The router runs with `allow_zero_outputs=False`, so a token that no expert served fails its step.
 
 Counted per segment: steps/s, failed steps (the forward or backward raised), dropped tokens (tokens that got
 fewer than their k=2 expert answers in the forward; `masked_tokens` of the router), expert requests that failed

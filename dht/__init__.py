@@ -16,6 +16,10 @@ import os
 # process that outlives it; dmoe shares no tensors between processes, so keep torch's default.
 os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 
+from dht.startup import defer_unused_imports  # noqa: E402
+
+defer_unused_imports()  # before the first hivemind import
+
 from dht.directory import DirectoryStats, ExpertDirectory, ExpertReplica  # noqa: E402
 from dht.identity import load_or_create_rsa_key  # noqa: E402
 from dht.node import DHTNode, DHTUnavailableError  # noqa: E402

@@ -49,8 +49,12 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every subcommand; with `only`, just that subcommand gets its flags.
+
+    Adding a subcommand's flags imports the modules of its configs (torch, grpc, hivemind for some), so the
+    command line builds only what the chosen subcommand needs: a peer starts sooner.
+    """
     parser = OneLineErrorParser(
         prog="dmoe", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -61,8 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         sub.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-        add_arguments(sub)
+        if only is None or name == only:
+            add_arguments(sub)
     return parser
+
+
+def chosen_command(argv: list[str]) -> str:
+    """The subcommand a command line names ("" when none does, as in ``dmoe --help``)."""
+    return next((word for word in argv if not word.startswith("-")), "") if argv else ""
 
 
 def exit_code_for(error: BaseException) -> int | None:
@@ -109,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     print one line on stderr and give exit code 2 (the user's input) or 1 (the job failed); Ctrl-C gives 130.
     With -v the traceback is printed before that line.
     """
-    with _ctrl_c_deferred() as interrupted:  # building the parser imports torch, grpc and hivemind
-        parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = chosen_command(argv)
+    with _ctrl_c_deferred() as interrupted:  # the parser and the DHT layer import torch, grpc and hivemind
+        parser = build_parser(only=command)
+        if command in commands.COMMANDS:
+            import dht  # noqa: F401  (every job but `swarm` needs it, and Ctrl-C must not land inside its imports)
     if interrupted:
         print("dmoe: interrupted", file=sys.stderr, flush=True)
         return INTERRUPTED

@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import ctypes.util
+import itertools
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 from dmoe_cli.config_args import config_field as _opt
+from dmoe_cli.launcher import PeerLauncher
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,9 @@ class SwarmConfig:
     )
 
 
+_PLACEMENT_TRIES = 50_000  # sets of peers the placement search may try in all (bounds the work on big swarms)
+
+
 class SwarmStartError(RuntimeError):
     """A process of the swarm did not become ready; the message carries the end of its output."""
 
@@ -86,7 +91,9 @@ def assign_experts(peers: int, experts_per_peer: int, replicas: int, prefix: str
     """The expert uids each peer hosts: `peers` lists of `experts_per_peer` uids.
 
     There are `peers * experts_per_peer / replicas` experts, `PREFIX.0` onwards; each is hosted by
-    `replicas` different peers, and replicas are spread round-robin so that neighbours share experts.
+    `replicas` different peers. Placement is what an operator would do by hand: the replicas of each expert go
+    to the least loaded peers, rotating with the expert's index, and no two experts get the same set of peers
+    while distinct sets remain, so that two peers down at once take out at most one expert.
     Raises ValueError when the numbers do not fit (not divisible, or more replicas than peers).
     """
     for name, value in (("peers", peers), ("experts_per_peer", experts_per_peer), ("replicas", replicas)):
@@ -100,12 +107,57 @@ def assign_experts(peers: int, experts_per_peer: int, replicas: int, prefix: str
             f"peers × experts_per_peer ({peers} × {experts_per_peer} = {slots}) must be divisible by "
             f"replicas ({replicas}) so that every expert has the same number of replicas"
         )
-    # Slot s holds expert s // replicas on peer s % peers: the `replicas` copies of one expert occupy
-    # consecutive slots, hence `replicas` consecutive (so distinct, as replicas <= peers) peers.
+    num_experts = slots // replicas
+    placement = _place(peers, experts_per_peer, replicas, num_experts, distinct=True)
+    placement = placement or _place(peers, experts_per_peer, replicas, num_experts, distinct=False)
+    if placement is None:  # the search ran out of budget: plain round-robin (replicas on consecutive peers)
+        placement = [tuple((e * replicas + k) % peers for k in range(replicas)) for e in range(num_experts)]
     hosted: list[list[int]] = [[] for _ in range(peers)]
-    for slot in range(slots):
-        hosted[slot % peers].append(slot // replicas)
+    for expert, combo in enumerate(placement):
+        for peer in combo:
+            hosted[peer].append(expert)
     return [[f"{prefix}.{index}" for index in sorted(indices)] for indices in hosted]
+
+
+def _place(
+    peers: int, per_peer: int, replicas: int, num_experts: int, *, distinct: bool
+) -> list[tuple[int, ...]] | None:
+    """For each expert, the peers of its replicas: at most `per_peer` experts per peer, each set of peers used
+    once (`distinct`); a depth-first search trying the least loaded peers first, rotating with the expert.
+    None when no placement is found within `_PLACEMENT_TRIES` tries."""
+    load = [0] * peers
+    used: set[frozenset[int]] = set()
+    tries = 0
+
+    def candidates(expert: int):
+        ranked = sorted(range(peers), key=lambda peer: (load[peer], (peer - expert) % peers))
+        for combo in itertools.combinations(ranked, replicas):
+            if all(load[peer] < per_peer for peer in combo) and not (distinct and frozenset(combo) in used):
+                yield combo
+
+    def take(combo: tuple[int, ...], step: int) -> None:
+        for peer in combo:
+            load[peer] += step
+        (used.add if step > 0 else used.discard)(frozenset(combo))
+
+    chosen: list[tuple[int, ...]] = []
+    stack = [candidates(0)]
+    while len(chosen) < num_experts:
+        tries += 1
+        if tries > _PLACEMENT_TRIES:
+            return None
+        combo = next(stack[-1], None)
+        if combo is None:  # a dead end: change the previous expert's peers
+            stack.pop()
+            if not stack:
+                return None
+            take(chosen.pop(), -1)
+            continue
+        take(combo, +1)
+        chosen.append(combo)
+        if len(chosen) < num_experts:
+            stack.append(candidates(len(chosen)))
+    return chosen
 
 
 def _death_signal_preexec() -> object:
@@ -137,12 +189,23 @@ class _Process:
         self.reported_exit = False
         self._log: IO[bytes] | None = None
 
-    def spawn(self, spawner: concurrent.futures.Executor, env: dict[str, str]) -> None:
+    def spawn(
+        self, spawner: concurrent.futures.Executor, env: dict[str, str], *, launcher: PeerLauncher | None = None
+    ) -> None:
+        """Start a run: a new process, or one forked by `launcher` (a warm `dmoe_cli.standby`) when it is ready."""
         self.close_log()
         self._log = open(self.log_path, "ab")  # kept open while the process runs
         self.log_offset = self._log.tell()
-        self._log.write(f"--- {time.strftime('%H:%M:%S')} starting: {shlex.join(self.args)}\n".encode())
+        warm = launcher is not None and launcher.ready
+        how = "starting (forked by the warm standby)" if warm else "starting"
+        self._log.write(f"--- {time.strftime('%H:%M:%S')} {how}: {shlex.join(self.args)}\n".encode())
         self._log.flush()
+        if warm:
+            try:  # the args without `python -m dmoe_cli`
+                self.popen, self.reported_exit = launcher.launch(self.args[3:], str(self.log_path)), False
+                return
+            except RuntimeError as exc:
+                logger.warning("the warm standby could not start %s (%s); starting it afresh", self.name, exc)
         # Spawned on the swarm's long-lived spawner thread: PDEATHSIG fires when the spawning *thread* ends.
         future = spawner.submit(
             subprocess.Popen,
@@ -241,6 +304,7 @@ class LocalSwarm:
         self._peers: list[_Process] = []
         self._spawner: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.RLock()
+        self._launcher: PeerLauncher | None = None  # a warm `dmoe_cli.standby` that forks restarted peers
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     @property
@@ -292,6 +356,8 @@ class LocalSwarm:
                 infos = self._wait_ready(self._peers, readers, self.config.startup_timeout)
                 self.peer_info = list(infos)
                 self.peer_endpoints = [info["endpoint"] for info in infos]
+                if self.config.chaos_restart:  # restarts will come: the first one is warm too
+                    self._start_launcher()
             except BaseException:
                 self.stop()
                 raise
@@ -423,13 +489,37 @@ class LocalSwarm:
                 self.peer_endpoints[index] = None
                 self.peer_info[index] = None
 
-    def restart_peer(self, index: int) -> None:
-        """Start peer `index` again with the same arguments (and checkpoint dir); it may get a new port.
+    def _start_launcher(self) -> None:
+        """Start the warm standby that forks restarted peers (see `dmoe_cli.standby`)."""
 
-        A peer still running is stopped first with SIGTERM. Returns once it is ready; `peer_endpoints[index]`
-        then holds its new endpoint and `peer_info[index]` its endpoint file (with the update counts it resumed).
-        The swarm is not locked while the peer starts, so other peers can be killed and restarted meanwhile
-        (chaos mode does); SwarmStartError when it does not become ready.
+        def spawn(args: list[str]) -> subprocess.Popen:
+            return self._spawner.submit(
+                subprocess.Popen,
+                args,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env=self._env,
+                start_new_session=True,
+                preexec_fn=_death_signal_preexec(),
+            ).result()
+
+        self._launcher = PeerLauncher(spawn, sys.executable)
+
+    def _stop_launcher(self) -> None:
+        launcher, self._launcher = self._launcher, None
+        if launcher is not None:
+            launcher.stop()
+
+    def restart_peer(self, index: int) -> None:
+        """Start peer `index` again with the same arguments (and checkpoint dir; with one, the same port and peer id).
+
+        The restart is forked from the warm standby when it is ready (`dmoe_cli.standby`: a process that has
+        imported the peer's code already), else a new process. A peer still running is stopped first with
+        SIGTERM. Returns once it is ready; `peer_endpoints[index]` then holds its new endpoint and
+        `peer_info[index]` its endpoint file (with the update counts it resumed). The swarm is not locked while the
+        peer starts, so other peers can be killed and restarted meanwhile (chaos mode does); SwarmStartError when
+        it does not become ready.
         """
         with self._lock:
             if self._spawner is None:
@@ -439,7 +529,9 @@ class LocalSwarm:
                 self.kill_peer(index, signal.SIGTERM)
             child.sweep()
             self.peer_endpoint_file(index).unlink(missing_ok=True)  # a SIGKILLed peer leaves its file behind
-            child.spawn(self._spawner, self._env)
+            if self._launcher is None or self._launcher.process.poll() is not None:
+                self._start_launcher()  # for the next restart: this one starts afresh unless one was ready
+            child.spawn(self._spawner, self._env, launcher=self._launcher)
         try:
             (info,) = self._wait_ready([child], [self._endpoint_reader(index)], self.config.startup_timeout)
         except SwarmStartError:
@@ -455,6 +547,7 @@ class LocalSwarm:
     def stop(self) -> None:
         """SIGTERM every peer, then the DHT node; SIGKILL whatever is left after a bounded wait. Idempotent."""
         with self._lock:
+            self._stop_launcher()
             self._stop_group(self._peers, PEER_STOP_TIMEOUT)
             if self._dht is not None:
                 self._stop_group([self._dht], DHT_STOP_TIMEOUT)

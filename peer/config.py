@@ -29,7 +29,7 @@ class PeerConfig:
         (), "multiaddrs of DHT nodes to join (from `dmoe dht`); none starts a new DHT", nargs="*"
     )
     host: str = _opt("127.0.0.1", "address the gRPC server listens on (0.0.0.0 for every interface)")
-    port: int = _opt(0, "gRPC port; 0 picks a free one")
+    port: int = _opt(0, "gRPC port; 0 picks a free one (and, with --checkpoint-dir, the same one again on restart)")
     announce_host: str | None = _opt(
         None, "address other machines use to reach this peer (default: --host, or this machine's IP when 0.0.0.0)"
     )
@@ -59,6 +59,19 @@ class PeerConfig:
         "resumed (uid: the update count its checkpoint held, null when it started afresh)",
     )
     identity: str | None = _opt(None, "file with this peer's signing key (created if missing); keeps record ownership")
+    dht_identity: str | None = _opt(
+        None,
+        "libp2p identity file of this peer's DHT node (created if missing): a fixed peer id, so a restarted peer's "
+        "records replace its old ones (default: kept in --checkpoint-dir when there is one)",
+    )
+    sync_every: float = _opt(
+        30.0,
+        "seconds between two averaging rounds with the other replicas of each hosted expert (parameters, optimizer "
+        "state, update count), so that replicas stay one expert; 0 turns averaging off",
+    )
+    catch_up: bool = _opt(
+        True, "before announcing, load the state of a live replica that is ahead (a new or long-stopped peer)"
+    )
     compute_threads: int | None = _opt(None, "torch intra-op threads for compute (default: torch's choice)")
     shutdown_grace: float = _opt(10.0, "seconds to finish in-flight requests on shutdown")
     seed: int | None = _opt(None, "seed for expert initialisation (experts are seeded per uid when given)")

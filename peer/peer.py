@@ -28,11 +28,18 @@ from peer.compute import ComputeRunner
 from peer.config import PeerConfig
 from peer.experts import get_expert_class, load_custom_module
 from peer.graphs import ForwardGraphStore
+from peer.replica_sync import ReplicaSync
 from peer.security import ClientLimiter, SwarmKeyInterceptor, resolve_swarm_key, server_credentials
 from peer.servicer import SERVICE_NAME, ExpertServicer, HostedExpert
+from peer.state_client import StateClient
 from proto import expert_pb2
 
 logger = logging.getLogger(__name__)
+
+PORT_FILE = "peer-port"
+"""In the checkpoint dir: the gRPC port used last, taken again on restart (when free) so the endpoint stays."""
+DHT_IDENTITY_FILE = "dht-identity.key"
+"""In the checkpoint dir: the libp2p identity of the peer's DHT node (its peer id)."""
 
 GIL_SWITCH_INTERVAL = 0.0005
 """Seconds a thread that wants the GIL waits before it asks the holder to hand it over (CPython: 5 ms)."""
@@ -81,6 +88,9 @@ class Peer:
         self._background: list[asyncio.Task] = []
         self._saved_update_count: dict[str, int | None] = {}
         self.resumed: dict[str, int | None] = {}
+        self.replica_sync: ReplicaSync | None = None
+        """Averaging with the other replicas of the hosted experts, once the peer is in the DHT."""
+        self._state_client: StateClient | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
 
@@ -133,28 +143,86 @@ class Peer:
             ),
             self._server,
         )
-        address = f"{_bracket(config.host)}:{config.port}"
-        if config.tls_cert or config.tls_key:
-            if not (config.tls_cert and config.tls_key):
-                raise ValueError("TLS needs both --tls-cert and --tls-key")
-            credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
-            self.port = self._server.add_secure_port(address, credentials)
-        else:
-            self.port = self._server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        self.port = self._bind_port()
         await self._server.start()
+        if self.announce:
+            self._start_replica_sync()
+            if config.catch_up:
+                await self.replica_sync.catch_up(fresh={uid for uid, count in self.resumed.items() if count is None})
         if self._saved_update_count and config.checkpoint_dir:
             await self.save_checkpoints()  # experts that start fresh are saved at once: restarts resume them
         if config.checkpoint_dir:
             self._background.append(asyncio.create_task(self._checkpoint_loop(), name="checkpoints"))
         if self.announce:
             await self._start_announcer()
+            if config.sync_every > 0:
+                self._background.append(asyncio.create_task(self.replica_sync.run(), name="replica-sync"))
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if config.endpoint_file:
             await self._write_endpoint_file(config.endpoint_file)
         logger.info("serving %d experts at %s", len(self.uids), self.endpoint)
+
+    def _bind_port(self) -> int:
+        """Add the server's port: `config.port`, else the one this checkpoint dir used last time, else any."""
+        config = self.config
+        if config.tls_cert or config.tls_key:
+            if not (config.tls_cert and config.tls_key):
+                raise ValueError("TLS needs both --tls-cert and --tls-key")
+            credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
+
+            def add(port: int) -> int:
+                return self._server.add_secure_port(f"{_bracket(config.host)}:{port}", credentials)
+        else:
+
+            def add(port: int) -> int:
+                return self._server.add_insecure_port(f"{_bracket(config.host)}:{port}")
+
+        port_file = Path(config.checkpoint_dir) / PORT_FILE if config.checkpoint_dir else None
+        if config.port == 0 and port_file is not None and port_file.exists():
+            try:
+                previous = int(port_file.read_text())
+                if add(previous) == previous:  # the same endpoint again: its DHT records stay right
+                    return previous
+            except (ValueError, RuntimeError):  # a damaged file, or the port is taken now: any port will do
+                pass
+        try:
+            port = add(config.port)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise OSError(
+                f"cannot listen on {config.host}:{config.port}: the port is in use or the address is not this "
+                "machine's; choose another --port (0 picks a free one) or --host"
+            )
+        if port_file is not None:
+            atomic_write_bytes(port_file, f"{port}\n".encode())
+        return port
+
+    def _start_replica_sync(self) -> None:
+        config = self.config
+        param_bytes = {
+            uid: sum(t.numel() * t.element_size() for t in backend.module.state_dict().values())
+            for uid, backend in self.backends.items()
+        }
+        self._state_client = StateClient(
+            max_state_bytes=lambda uid: 4 * param_bytes.get(uid, 0) + (1 << 20),  # parameters and two moments
+            max_message_bytes=config.max_message_mb << 20,
+            swarm_key=resolve_swarm_key(config.swarm_key),
+            tls_ca=config.tls_ca or config.tls_cert,
+            tls_cert=config.tls_cert if config.tls_ca else None,
+            tls_key=config.tls_key if config.tls_ca else None,
+        )
+        self.replica_sync = ReplicaSync(
+            self.backends,
+            self._compute,
+            self.directory,
+            lambda: self.dht_node.peer_id,
+            self._state_client,
+            period=config.sync_every if config.sync_every > 0 else 60.0,
+            timeout=min(30.0, max(5.0, config.sync_every)),
+        )
+        self.servicer.state_source = self.replica_sync.state
 
     def _build_expert(self, uid: str) -> HostedExpert:
         config = self.config
@@ -204,8 +272,16 @@ class Peer:
             port=config.dht_port,
             announce_host=config.announce_host,
             record_validators=validators,
+            identity_path=self._dht_identity_path(),
         )
         self.directory = ExpertDirectory(self.dht_node, rsa_key=rsa_key)
+
+    def _dht_identity_path(self) -> str | None:
+        if self.config.dht_identity:
+            return self.config.dht_identity
+        if self.config.checkpoint_dir:  # a restarted peer keeps its peer id: its records replace the old ones
+            return str(Path(self.config.checkpoint_dir) / DHT_IDENTITY_FILE)
+        return None
 
     async def _start_announcer(self) -> None:
         config = self.config
@@ -232,6 +308,7 @@ class Peer:
             "experts": list(self.uids),
             "update_counts": {uid: backend.update_count for uid, backend in self.backends.items()},
             "resumed": dict(self.resumed),
+            "caught_up": dict(self.replica_sync.stats.caught_up) if self.replica_sync is not None else {},
         }
 
     async def _write_endpoint_file(self, path: str) -> None:
@@ -270,8 +347,9 @@ class Peer:
             except Exception:
                 logger.exception("periodic checkpoint failed; will retry")
 
-    async def stop(self) -> None:
-        """Graceful shutdown: refuse new work, finish in-flight requests, stop announcing, save, leave."""
+    async def stop(self, *, withdraw: bool = True) -> None:
+        """Graceful shutdown: refuse new work, withdraw the DHT records (unless not `withdraw`), finish in-flight
+        requests, stop announcing, save, leave."""
         if self._stopping:
             await self._stopped.wait()
             return
@@ -287,6 +365,10 @@ class Peer:
             for task in self._background:
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
+            if withdraw:
+                await self._withdraw()
+            if self._state_client is not None:
+                await self._state_client.close()
             if self._server is not None:
                 await self._server.stop(self.config.shutdown_grace)
             if self.servicer is not None:
@@ -300,6 +382,17 @@ class Peer:
                 await asyncio.to_thread(self.dht_node.shutdown)
             self._stopped.set()
             logger.info("peer stopped in %.1f s", time.monotonic() - started)
+
+    async def _withdraw(self) -> None:
+        """Mark this peer's records withdrawn, so that clients stop choosing it now rather than at their expiry."""
+        if self.directory is None or self.port is None:
+            return
+        try:
+            await self.directory.withdraw(
+                self.uids, self.endpoint, expiration=self.config.expiration, timeout=5.0, return_future=True
+            )
+        except Exception as exc:  # the DHT may be gone already: the records then simply expire
+            logger.warning("could not withdraw the DHT records (%s); they expire on their own", exc)
 
     async def wait_stopped(self) -> None:
         """Wait until `stop()` has finished."""

@@ -10,8 +10,9 @@ A replica that could not be reached is left out of that round (the others still 
 joins again in the next one.
 
 `catch_up` is run before a peer announces its experts: for each expert it asks the live replicas for their
-update counts, and when one is ahead of the local state (a new volunteer, or a checkpoint older than the swarm)
-it loads that replica's current state, so the peer's first answer is already the swarm's expert.
+update counts, and when one is ahead of the local state (a checkpoint older than the swarm), or the expert has
+no checkpoint at all (a new volunteer), it loads the current state of the replica furthest ahead, so the peer's
+first answer is already the swarm's expert.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -98,8 +99,12 @@ class ReplicaSync:
 
     # ------------------------------------------------------------------ catching up
 
-    async def catch_up(self) -> dict[str, int]:
-        """Load, for each hosted expert, the state of the live replica furthest ahead when it is ahead of ours."""
+    async def catch_up(self, fresh: Collection[str] = ()) -> dict[str, int]:
+        """Load, for each hosted expert, the state of the live replica furthest ahead when it is ahead of ours.
+
+        The experts in `fresh` (started without a checkpoint) load a live replica's state even when it is not
+        ahead, so that a new replica is the swarm's expert rather than a random initialisation.
+        """
         replicas = await self._other_replicas()
         for uid, others in replicas.items():
             backend = self.backends[uid]
@@ -107,10 +112,11 @@ class ReplicaSync:
                 *(self.source.update_count(r.endpoint, uid, timeout=self.timeout) for r in others),
                 return_exceptions=True,
             )
+            floor = -1 if uid in fresh else backend.update_count
             ahead = sorted(
                 (count, replica.peer_id, replica)
                 for count, replica in zip(counts, others, strict=True)
-                if isinstance(count, int) and count > backend.update_count
+                if isinstance(count, int) and count > floor
             )
             for count, _peer, replica in reversed(ahead):  # furthest ahead first; the next one if it fails
                 try:

@@ -137,12 +137,9 @@ class ExpertServicer:
 
     async def _unary(self, request: bytes, context, *, backward: bool) -> bytes:
         try:
-            try:  # large lossless tensors come out as views of `request`, which gRPC hands over to us
-                message = decode_request(request)
-            except TensorDecodeError as exc:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid dmoe.v1.ExpertRequest: {exc}"
-                ) from None
+            message = _decoded(
+                decode_request, request, "dmoe.v1.ExpertRequest"
+            )  # large lossless tensors come out as views of `request`, which gRPC hands over to us
             outputs = await self._run(
                 message.uid, message.parts, context, backward=backward, forward_id=message.forward_id
             )
@@ -155,12 +152,7 @@ class ExpertServicer:
             stream, limit = StreamedRequest(), 0
             async for raw in requests:
                 first = stream.uid is None
-                try:
-                    stream.add(raw)
-                except TensorDecodeError as exc:
-                    raise RequestError(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid dmoe.v1.ExpertRequest: {exc}"
-                    ) from None
+                _decoded(stream.add, raw, "dmoe.v1.ExpertRequest")
                 if first:
                     limit = self._stream_limit(stream.uid)
                 if stream.received > limit:
@@ -185,12 +177,7 @@ class ExpertServicer:
 
     async def _many(self, request: bytes, context, *, backward: bool) -> bytes:
         try:
-            try:
-                parts = decode_batch_request(request)
-            except TensorDecodeError as exc:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid dmoe.v1.ExpertRequestBatch: {exc}"
-                ) from None
+            parts = _decoded(decode_batch_request, request, "dmoe.v1.ExpertRequestBatch")
             results = await asyncio.gather(*(self._part(part, context, backward=backward) for part in parts))
             return encode_batch_response(results, compressions=[part.response_compression for part in parts])
         except RequestError as exc:
@@ -294,12 +281,7 @@ class ExpertServicer:
 
     async def _info(self, request: bytes, context) -> bytes:
         try:
-            try:
-                uid = decode_info_request(request)
-            except TensorDecodeError as exc:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid dmoe.v1.InfoRequest: {exc}"
-                ) from None
+            uid = _decoded(decode_info_request, request, "dmoe.v1.InfoRequest")
             if uid and uid not in self.experts:
                 raise RequestError(grpc.StatusCode.NOT_FOUND, f"this peer does not host expert {uid!r}")
             uids = [uid] if uid else sorted(self.experts)
@@ -309,12 +291,7 @@ class ExpertServicer:
 
     async def _state(self, request: bytes, context) -> AsyncIterator[bytes]:
         try:
-            try:
-                wanted = decode_state_request(request)
-            except TensorDecodeError as exc:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid dmoe.v1.StateRequest: {exc}"
-                ) from None
+            wanted = _decoded(decode_state_request, request, "dmoe.v1.StateRequest")
             if wanted.uid not in self.experts:
                 raise RequestError(grpc.StatusCode.NOT_FOUND, f"this peer does not host expert {wanted.uid!r}")
             if self.closing or self.state_source is None:
@@ -350,6 +327,14 @@ class ExpertServicer:
             batches_processed=forward.batches_processed + backward.batches_processed,
             requests_expired=forward.requests_expired + backward.requests_expired,
         )
+
+
+def _decoded(decode: Callable, raw: bytes, message: str):
+    """`decode(raw)`, a malformed message refused with INVALID_ARGUMENT naming the message it should have been."""
+    try:
+        return decode(raw)
+    except TensorDecodeError as exc:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {message}: {exc}") from None
 
 
 def _spec(spec: ArgSpec) -> TensorSpec:

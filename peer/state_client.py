@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 
@@ -13,10 +12,12 @@ from proto import (
     SWARM_KEY_METADATA,
     Method,
     TensorDecodeError,
+    channel_credentials,
     decode_info_response,
     decode_state,
     encode_info_request,
     encode_state_request,
+    open_channel,
 )
 
 
@@ -44,29 +45,13 @@ class StateClient:
     ):
         self.max_state_bytes, self.max_message_bytes = max_state_bytes, max_message_bytes
         self.metadata = (((SWARM_KEY_METADATA, swarm_key),) if swarm_key else ()) + ((CLIENT_ID_METADATA, "peer"),)
-        self.credentials = (
-            grpc.ssl_channel_credentials(
-                root_certificates=Path(tls_ca).read_bytes(),
-                private_key=Path(tls_key).read_bytes() if tls_key else None,
-                certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
-            )
-            if tls_ca
-            else None
-        )
+        self.credentials = channel_credentials(tls_ca, tls_cert, tls_key)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
-            options = [
-                ("grpc.max_receive_message_length", self.max_message_bytes),
-                ("grpc.max_send_message_length", self.max_message_bytes),
-                ("grpc.enable_retries", 0),
-            ]
-            if self.credentials is not None:
-                channel = grpc.aio.secure_channel(endpoint, self.credentials, options=options)
-            else:
-                channel = grpc.aio.insecure_channel(endpoint, options=options)
+            channel = open_channel(endpoint, max_message_bytes=self.max_message_bytes, credentials=self.credentials)
             self._channels[endpoint] = channel
         return channel
 

@@ -66,6 +66,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "encode_batch_response",
     ),
     "proto.streams": ("StreamedRequest", "decode_stream_response", "encode_stream_request", "encode_stream_response"),
+    "proto.channels": ("channel_credentials", "open_channel"),
     "proto.state": ("StateRequest", "decode_state", "decode_state_request", "encode_state", "encode_state_request"),
     "proto.info": (
         "ExpertStatus",

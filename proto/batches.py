@@ -20,15 +20,6 @@ from proto.dmoe.v1 import expert_pb2
 from proto.dmoe.v1.tensor_pb2 import COMPRESSION_NONE
 from proto.wire import Part, WireRequest, decode_tensor, parse_message
 
-__all__ = [
-    "PartFailure",
-    "PartResult",
-    "decode_batch_request",
-    "decode_batch_response",
-    "encode_batch_request",
-    "encode_batch_response",
-]
-
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 

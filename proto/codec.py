@@ -56,18 +56,6 @@ from proto.dmoe.v1.tensor_pb2 import (
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships wheels for is little-endian
     raise ImportError("the dmoe tensor codec sends raw little-endian bytes and needs a little-endian host")
 
-__all__ = [
-    "MAX_NDIM",
-    "SUPPORTED_DTYPES",
-    "TensorDecodeError",
-    "TensorDescriptor",
-    "deserialize_tensor",
-    "encoded_size",
-    "iter_tensors_from_chunks",
-    "join_tensor_chunks",
-    "serialize_tensor",
-    "split_tensor",
-]
 
 SUPPORTED_DTYPES: dict[torch.dtype, int] = {
     torch.float32: DTYPE_FLOAT32,

@@ -13,23 +13,6 @@ from enum import StrEnum
 from proto.dmoe.v1 import expert_pb2
 from proto.dmoe.v1.tensor_pb2 import COMPRESSION_BLOCKWISE_8BIT, COMPRESSION_FLOAT16, COMPRESSION_NONE
 
-__all__ = [
-    "CLIENT_ID_METADATA",
-    "COALESCE_BYTES",
-    "COMPRESSION_NAMES",
-    "DEFAULT_DEADLINE",
-    "DEFAULT_MAX_MESSAGE_BYTES",
-    "HEALTH_SERVICE",
-    "MAX_BATCH_PARTS",
-    "OPEN_SERVICES",
-    "SERVICE_NAME",
-    "SWARM_KEY_METADATA",
-    "Method",
-    "fits_one_message",
-    "method_path",
-    "stream_chunk_bytes",
-]
-
 SERVICE_NAME: str = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
 """The full name of the service every peer serves, ``dmoe.v1.ExpertService`` (as ``expert.proto`` declares it)."""
 

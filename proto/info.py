@@ -16,15 +16,6 @@ from proto.codec import SUPPORTED_DTYPES, TensorDecodeError
 from proto.dmoe.v1 import expert_pb2
 from proto.wire import parse_message
 
-__all__ = [
-    "ExpertStatus",
-    "TensorSpec",
-    "decode_info_request",
-    "decode_info_response",
-    "encode_info_request",
-    "encode_info_response",
-]
-
 _TORCH_DTYPES = {value: dtype for dtype, value in SUPPORTED_DTYPES.items()}
 
 

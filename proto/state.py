@@ -17,14 +17,6 @@ from proto.codec import TensorDecodeError, iter_tensors_from_chunks, serialize_t
 from proto.dmoe.v1 import expert_pb2
 from proto.wire import decode_tensor, parse_message
 
-__all__ = [
-    "StateRequest",
-    "decode_state",
-    "decode_state_request",
-    "encode_state",
-    "encode_state_request",
-]
-
 
 @dataclass(frozen=True)
 class StateRequest:

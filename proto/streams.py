@@ -17,13 +17,6 @@ from proto.dmoe.v1 import expert_pb2, tensor_pb2
 from proto.dmoe.v1.tensor_pb2 import COMPRESSION_NONE
 from proto.wire import WireRequest, decode_tensor, parse_message
 
-__all__ = [
-    "StreamedRequest",
-    "decode_stream_response",
-    "encode_stream_request",
-    "encode_stream_response",
-]
-
 
 def encode_stream_request(
     uid: str,

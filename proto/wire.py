@@ -58,19 +58,6 @@ from proto.compression import frombuffer as _frombuffer
 from proto.dmoe.v1 import expert_pb2, tensor_pb2
 from proto.dmoe.v1.tensor_pb2 import COMPRESSION_FLOAT16, COMPRESSION_NONE
 
-__all__ = [
-    "RAW_MIN_BYTES",
-    "Part",
-    "RawTensor",
-    "WireRequest",
-    "decode_request",
-    "decode_response",
-    "decode_tensor",
-    "encode_request",
-    "encode_response",
-    "parse_message",
-]
-
 RAW_MIN_BYTES = 64 << 10
 """Messages (decode) and lossless payloads (encode) from this size on skip protobuf objects."""
 

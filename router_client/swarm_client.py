@@ -7,11 +7,11 @@ import threading
 from dataclasses import dataclass
 
 from dht import DHTNode, ExpertDirectory
-from proto import COMPRESSION_NAMES, COMPRESSION_NONE
+from proto import COMPRESSION_NAMES, COMPRESSION_NONE, channel_credentials
 from router_client import background
 from router_client.config import RouterConfig
 from router_client.replicas import PeerScores
-from router_client.transport import ExpertTransport, channel_credentials
+from router_client.transport import ExpertTransport
 
 _lock = threading.Lock()
 _nodes: dict[tuple[str, ...], DHTNode] = {}

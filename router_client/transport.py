@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import torch
@@ -26,6 +25,7 @@ from proto import (
     encode_request,
     encode_stream_request,
     fits_one_message,
+    open_channel,
     stream_chunk_bytes,
 )
 
@@ -36,21 +36,6 @@ class ExpertCallError(Exception):
     def __init__(self, endpoint: str, uid: str, reason: str, code: grpc.StatusCode | None = None):
         super().__init__(f"{uid}@{endpoint}: {reason}")
         self.endpoint, self.uid, self.reason, self.code = endpoint, uid, reason, code
-
-
-def channel_credentials(ca: str | None, cert: str | None = None, key: str | None = None):
-    """TLS credentials for peers whose certificates chain to `ca` (None: plain TCP); cert+key for mutual TLS."""
-    if ca is None:
-        if cert or key:
-            raise ValueError("client certificates need tls_ca too (the CA that signed the peers' certificates)")
-        return None
-    if bool(cert) != bool(key):
-        raise ValueError("mutual TLS needs both tls_cert and tls_key")
-    return grpc.ssl_channel_credentials(
-        root_certificates=Path(ca).read_bytes(),
-        private_key=Path(key).read_bytes() if key else None,
-        certificate_chain=Path(cert).read_bytes() if cert else None,
-    )
 
 
 @dataclass
@@ -115,20 +100,7 @@ class ExpertTransport:
         """The (reused) channel to `endpoint`."""
         channel = self._channels.get(endpoint)
         if channel is None:
-            options = [
-                ("grpc.max_send_message_length", self.max_message_bytes),
-                ("grpc.max_receive_message_length", self.max_message_bytes),
-                ("grpc.enable_retries", 0),
-                ("grpc.keepalive_time_ms", 60_000),
-                # a restarted peer on the same port is reachable again within a fraction of a second
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 1000),
-            ]
-            if self.credentials is not None:
-                channel = grpc.aio.secure_channel(endpoint, self.credentials, options=options)
-            else:
-                channel = grpc.aio.insecure_channel(endpoint, options=options)
+            channel = open_channel(endpoint, max_message_bytes=self.max_message_bytes, credentials=self.credentials)
             self._channels[endpoint] = channel
         return channel
 

@@ -53,8 +53,10 @@ class LoopThread:
 
 
 @contextmanager
-def running_peer(*, announce: bool = False, **config) -> Iterator[Peer]:
-    """A `Peer` serving gRPC on 127.0.0.1 (port 0), in the DHT when `announce`; always stopped afterwards."""
+def running_peer(*, announce: bool = False, withdraw_on_exit: bool = True, **config) -> Iterator[Peer]:
+    """A `Peer` serving gRPC on 127.0.0.1 (port 0), in the DHT when `announce`; always stopped afterwards.
+
+    With `withdraw_on_exit=False` the stop leaves the peer's DHT records behind, as a crash would."""
     config.setdefault("hidden_dim", 16)
     config.setdefault("experts", "ffn.[0:2]")
     config.setdefault("seed", 0)
@@ -65,7 +67,7 @@ def running_peer(*, announce: bool = False, **config) -> Iterator[Peer]:
         yield peer
     finally:
         try:
-            loop.run(peer.stop())
+            loop.run(peer.stop(withdraw=withdraw_on_exit))
         finally:
             loop.close()
 
@@ -102,6 +104,14 @@ def dies_with_test_run() -> Callable[[], None] | None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     return preexec
+
+
+def start_in_group(args: list[str], **popen_kwargs) -> subprocess.Popen:
+    """`subprocess.Popen(args)` in the repository, as text, in a process group of its own that dies with the test
+    run; end it with `kill_process_group`."""
+    return subprocess.Popen(
+        args, cwd=REPO, text=True, start_new_session=True, preexec_fn=dies_with_test_run(), **popen_kwargs
+    )
 
 
 def kill_process_group(proc: subprocess.Popen, timeout: float = 10) -> None:

@@ -17,7 +17,7 @@ import pytest
 from dmoe_cli.chaos import ChaosEvent, prepare_chaos
 from dmoe_cli.main import build_parser, main
 from dmoe_cli.swarm import SwarmConfig
-from tests.conftest import DMOE, REPO, dies_with_test_run, kill_process_group
+from tests.conftest import DMOE, kill_process_group, start_in_group
 
 # ---------------------------------------------------------------------------- settings
 
@@ -137,7 +137,7 @@ def _stop(proc: subprocess.Popen, sig: int, timeout: float) -> int | None:
 def test_training_survives_sigkilled_peers_and_restarted_peers_resume_their_checkpointed_counts(tmp_path):
     seconds, interval = 30, 5
     checkpoints, events_file, addr_file = tmp_path / "checkpoints", tmp_path / "chaos.jsonl", tmp_path / "dht.txt"
-    swarm = subprocess.Popen(
+    swarm = start_in_group(
         [
             *DMOE,
             "swarm",
@@ -165,16 +165,12 @@ def test_training_survives_sigkilled_peers_and_restarted_peers_resume_their_chec
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-        start_new_session=True,
-        preexec_fn=dies_with_test_run(),
     )
     client = None
     swarm_output = _Reader(swarm)
     try:
         assert _wait_for_file(addr_file, swarm, 120), swarm_output.text  # written once every peer serves
-        client = subprocess.Popen(
+        client = start_in_group(
             [
                 *DMOE,
                 "train",
@@ -202,10 +198,6 @@ def test_training_survives_sigkilled_peers_and_restarted_peers_resume_their_chec
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-            start_new_session=True,
-            preexec_fn=dies_with_test_run(),
         )
         time.sleep(seconds)
         client.send_signal(signal.SIGINT)  # Ctrl-C: the step in progress ends, the summary is printed

@@ -19,11 +19,12 @@ from tests.conftest import HIDDEN, PeerProcess, running_peer, wait_for_experts
 STRICT = {"allow_zero_outputs": False, "k_min": 1, "forward_timeout": 5.0, "backward_timeout": 5.0}
 
 
-def start_peer(stack: ExitStack, dht_node: DHTNode, experts: str, **config) -> Peer:
-    """An in-process peer announcing `experts` to `dht_node`, stopped when `stack` closes."""
+def start_peer(stack: ExitStack, dht_node: DHTNode, experts: str, *, crash: bool = False, **config) -> Peer:
+    """An in-process peer announcing `experts` to `dht_node`, stopped when `stack` closes (with `crash`, its DHT
+    records stay behind, as after a crash)."""
     config = {"hidden_dim": HIDDEN, "seed": 0, "optimizer": "none", **config}
     config.setdefault("initial_peers", dht_node.visible_maddrs())
-    return stack.enter_context(running_peer(announce=True, experts=experts, **config))
+    return stack.enter_context(running_peer(announce=True, experts=experts, withdraw_on_exit=not crash, **config))
 
 
 def make_moe(node: DHTNode, k_best: int = 2, favourite: int | None = None, **options) -> RemoteMixtureOfExperts:
@@ -56,7 +57,7 @@ def test_the_tokens_of_a_dead_expert_go_to_their_next_best_expert(dht_node):
     with ExitStack() as stack, ExitStack() as victim:
         a = start_peer(stack, dht_node, "ffn.[0:2]")
         b = start_peer(stack, dht_node, "ffn.2")
-        c = start_peer(victim, dht_node, "ffn.3")
+        c = start_peer(victim, dht_node, "ffn.3", crash=True)
         wait_for_experts(dht_node, [f"ffn.{i}" for i in range(4)])
         moe = make_moe(dht_node, favourite=3)
         x = torch.randn(48, HIDDEN)
@@ -81,7 +82,7 @@ def test_the_tokens_of_a_dead_expert_go_to_their_next_best_expert(dht_node):
 def test_switch_mode_falls_back_to_the_next_best_expert(dht_node):
     with ExitStack() as stack, ExitStack() as victim:
         a = start_peer(stack, dht_node, "ffn.[0:3]")
-        start_peer(victim, dht_node, "ffn.3")
+        start_peer(victim, dht_node, "ffn.3", crash=True)
         wait_for_experts(dht_node, [f"ffn.{i}" for i in range(4)])
         moe = make_moe(dht_node, k_best=1, favourite=3)
         victim.close()
@@ -101,7 +102,7 @@ def test_the_gate_gradient_through_a_fallback_equals_an_in_process_moe(dht_node)
     with ExitStack() as stack, ExitStack() as victim:
         a = start_peer(stack, dht_node, "ffn.[0:2]")
         b = start_peer(stack, dht_node, "ffn.2")
-        start_peer(victim, dht_node, "ffn.3")
+        start_peer(victim, dht_node, "ffn.3", crash=True)
         wait_for_experts(dht_node, [f"ffn.{i}" for i in range(4)])
         moe = make_moe(dht_node, favourite=3)
         victim.close()
@@ -162,7 +163,7 @@ def test_a_dead_expert_is_left_out_until_it_announces_a_newer_record(dht_node):
 def test_a_replica_refusing_connections_is_marked_dead_and_its_sibling_serves(dht_node):
     with ExitStack() as stack, ExitStack() as victim:
         sibling = start_peer(stack, dht_node, "ffn.[0:4]")
-        refusing = start_peer(victim, dht_node, "ffn.[0:4]")
+        refusing = start_peer(victim, dht_node, "ffn.[0:4]", crash=True)
         wait_for_experts(dht_node, [f"ffn.{i}" for i in range(4)] * 2)
         moe = make_moe(dht_node)
         for _ in range(8):  # the refusing replica looks far faster: it is first in line

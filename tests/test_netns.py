@@ -417,8 +417,9 @@ def test_the_router_prefers_fast_replicas_to_one_behind_a_slow_link(swarm):
     finally:
         swarm.stop_driver(driver, stop_file)
     assert all(r["ok"] for r in records)
-    tried = [r["seconds"] for r in records[:10] if r["served"].get(slow_peer)]
+    early = 20  # the steps in which a fresh router gets to know every replica (more than one on a loaded machine)
+    tried = [r["seconds"] for r in records[:early] if r["served"].get(slow_peer)]
     assert tried and max(tried) >= 0.05, "the router tried the slow replica, and the link is slow indeed"
-    settled = records[10:]
+    settled = records[early:]
     slow, quick = served(settled, slow_peer), sum(served(settled, e) for e in fast)
     assert quick > 0 and slow <= 0.1 * (slow + quick), f"{slow} calls went to the slow replica, {quick} to fast ones"

@@ -124,7 +124,8 @@ def test_poisoned_gradients_are_skipped_and_the_weights_stay(peer, stub):
 
 def _rogue_swarm(dht_node):
     honest = {"experts": "ffn.[0:2]", "optimizer": "none", "seed": 0}
-    rogue = {"experts": "ffn.[0:2]", "optimizer": "none", "seed": 1}  # plausible but wrong answers
+    # plausible but wrong answers; a rogue neither loads the honest state nor averages with it
+    rogue = {"experts": "ffn.[0:2]", "optimizer": "none", "seed": 1, "catch_up": False, "sync_every": 0}
     return swarm(dht_node, honest, dict(honest), rogue)
 
 

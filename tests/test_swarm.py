@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dmoe_cli.swarm import LocalSwarm, SwarmConfig, assign_experts
-from tests.conftest import DMOE, REPO, dies_with_test_run, kill_process_group
+from tests.conftest import DMOE, REPO, kill_process_group, start_in_group
 
 # --- /proc helpers: the whole process tree, so that grandchildren (DHT daemons) are checked too ---
 
@@ -119,12 +120,23 @@ def test_every_expert_has_its_replicas_on_different_peers(peers, per_peer, repli
     assert hosts == {f"ffn.{i}": replicas for i in range(count)}
 
 
-def test_assignment_is_round_robin_and_uses_the_prefix():
-    assert assign_experts(3, 2, 2, "moe.layer") == [
-        ["moe.layer.0", "moe.layer.1"],
-        ["moe.layer.0", "moe.layer.2"],
-        ["moe.layer.1", "moe.layer.2"],
-    ]
+@pytest.mark.parametrize("peers, per_peer, replicas", [(4, 2, 2), (3, 2, 2), (6, 4, 3), (5, 2, 2), (8, 4, 2)])
+def test_no_two_experts_share_the_same_set_of_peers(peers, per_peer, replicas):
+    hosted = assign_experts(peers, per_peer, replicas, "ffn")
+    peer_sets = {}
+    for peer, uids in enumerate(hosted):
+        for uid in uids:
+            peer_sets.setdefault(uid, set()).add(peer)
+    sets = [frozenset(s) for s in peer_sets.values()]
+    assert len(set(sets)) == len(sets), f"two experts on the same peers: {peer_sets}"
+
+
+def test_two_peers_down_take_out_at_most_one_expert_and_the_prefix_is_used():
+    hosted = assign_experts(4, 2, 2, "moe.layer")
+    assert sorted(uid for uids in hosted for uid in uids) == sorted(f"moe.layer.{i}" for i in range(4) for _ in "ab")
+    for down in itertools.combinations(range(4), 2):
+        alive = {uid for peer, uids in enumerate(hosted) if peer not in down for uid in uids}
+        assert len(alive) >= 3, f"peers {down} down leave only {sorted(alive)}"
     assert assign_experts(2, 2, 1, "ffn") == [["ffn.0", "ffn.2"], ["ffn.1", "ffn.3"]]
 
 
@@ -255,14 +267,10 @@ def swarm_command(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen
         str(tmp_path / "logs"),
         *args,
     ]
-    proc = subprocess.Popen(
+    proc = start_in_group(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-        start_new_session=True,
-        preexec_fn=dies_with_test_run(),
     )
     output: list[str] = []
     printed = threading.Event()
