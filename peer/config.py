@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from proto.contract import DEFAULT_MAX_MESSAGE_BYTES
+
 
 def _opt(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
@@ -46,7 +48,9 @@ class PeerConfig:
         1024,
         "memory for training forwards kept until their Backward, in MiB, so it does not recompute them; 0 = off",
     )
-    max_message_mb: int = _opt(64, "largest gRPC message accepted or sent, in MiB; larger tensors are chunked")
+    max_message_mb: int = _opt(
+        DEFAULT_MAX_MESSAGE_BYTES >> 20, "largest gRPC message accepted or sent, in MiB; larger tensors are chunked"
+    )
     update_period: float = _opt(20.0, "seconds between re-announcements of the hosted experts in the DHT")
     expiration: float = _opt(60.0, "seconds a DHT record of this peer stays valid without renewal")
     checkpoint_dir: str | None = _opt(None, "directory for expert checkpoints; resumed from on start")

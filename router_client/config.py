@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from proto.contract import COMPRESSION_NAMES, DEFAULT_MAX_MESSAGE_BYTES
+
 
 def config_field(default: Any, help: str, **extra: Any) -> Any:
     """A dataclass field with a help text (and argparse settings such as `choices`) in its metadata.
@@ -41,9 +43,11 @@ class RouterConfig:
     ban_max: float = config_field(60.0, "longest ban, in seconds")
     cache_ttl: float = config_field(5.0, "seconds the list of experts and their replicas is reused before a refresh")
     compression: str = config_field(
-        "none", "lossy compression of tensors on the wire", choices=("none", "float16", "8bit")
+        "none", "lossy compression of tensors on the wire", choices=tuple(COMPRESSION_NAMES)
     )
-    max_message_mb: int = config_field(64, "largest gRPC message; larger requests are sent in chunks over a stream")
+    max_message_mb: int = config_field(
+        DEFAULT_MAX_MESSAGE_BYTES >> 20, "largest gRPC message; larger requests are sent in chunks over a stream"
+    )
     check_outputs: bool = config_field(
         True, "reject (and ban) answers with NaN/Inf, the wrong shape or an outlying norm"
     )
