@@ -332,6 +332,10 @@ def swarm(tmp_path_factory) -> Iterator[Swarm]:
                         "30",
                         "--shutdown-grace",
                         "1",
+                        # these tests time the routing over the links; replica averaging would send each expert's
+                        # state through the 1 Mbit/s link every round and be timed with it
+                        "--sync-every",
+                        "0",
                         "--endpoint-file",
                         str(workdir / f"{name}.json"),
                     ],
