@@ -110,11 +110,10 @@ def load_checkpoint(directory: str | Path, uid: str) -> dict | None:
         try:
             state = read_checkpoint_file(path)
         except CheckpointError as exc:
-            logger.error("%s", exc)
             errors.append(str(exc))
             continue
-        if errors:
-            logger.warning("resuming %s from the previous checkpoint %s", uid, path)
+        if errors:  # reported here only when the previous checkpoint saves the day; else the raise below says it
+            logger.error("%s; resuming %s from the previous checkpoint %s", "; ".join(errors), uid, path)
         return state
     if errors:
         raise CheckpointError(

@@ -77,6 +77,9 @@ class Peer:
         if not self.uids:
             raise ValueError("no experts to host: pass --experts, e.g. 'ffn.[0:4]'")
         self.expert_class = get_expert_class(config.expert_cls)
+        if config.hidden_dim < 1:
+            raise ValueError(f"--hidden-dim must be at least 1, got {config.hidden_dim}")
+        _check_device(config.device)
         self.port: int | None = None
         self.dht_node: DHTNode | None = None
         self.directory: ExpertDirectory | None = None
@@ -414,6 +417,20 @@ async def run_peer(config: PeerConfig, *, on_ready=None) -> None:
         logger.info("stop requested; finishing in-flight work")
     finally:
         await peer.stop()
+
+
+def _check_device(device: str) -> None:
+    """Refuse a `--device` this machine cannot compute on, with a line that says what to pass instead."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"--device {device!r} is not a torch device ({exc}); use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: torch sees no CUDA device on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
 
 
 def _announce_host(config: PeerConfig) -> str:

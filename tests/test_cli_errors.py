@@ -86,6 +86,8 @@ def assert_one_error_line(dmoe: Dmoe, command: str, code: int, pattern: str) -> 
         (["dht", "--initial-peers", UNREACHABLE], 1, "none of the initial peers answered"),
         (["peer", "--experts", "ffn.[0:2]", "--hidden-dim", "many"], 2, "--hidden-dim"),
         (["peer", "--experts", "ffn.[0:"], 2, "expert pattern"),
+        (["peer", "--experts", "ffn.[0:2]", "--hidden-dim", "-3"], 2, "--hidden-dim must be at least 1"),
+        (["peer", "--experts", "ffn.[0:2]", "--device", "cuda:99"], 2, "--device cuda:99"),
         (["swarm", "--peers", "2", "--replicas", "3"], 2, "replicas (3) must not exceed peers (2)"),
         (["nosuchcommand"], 2, "invalid choice: 'nosuchcommand'"),
     ],
