@@ -222,7 +222,7 @@ class Peer:
             self.directory,
             lambda: self.dht_node.peer_id,
             self._state_client,
-            period=config.sync_every if config.sync_every > 0 else 60.0,
+            period=max(0.0, config.sync_every),
             timeout=min(30.0, max(5.0, config.sync_every)),
         )
         self.servicer.state_source = self.replica_sync.state

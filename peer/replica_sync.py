@@ -62,7 +62,8 @@ class ReplicaSync:
 
     `backends` are the hosted experts; `compute` orders the snapshots and updates with all other compute;
     `directory` finds the replicas; `own_peer_id()` tells this peer's records apart; `source` reaches the other
-    peers. `snapshot(uid, round)` serves this peer's snapshots to the others (the servicer's `GetState`).
+    peers; `period` 0 runs no rounds. `state(uid, round)` serves this peer's snapshots to the others (the
+    servicer's `GetState`).
     """
 
     def __init__(
@@ -77,12 +78,12 @@ class ReplicaSync:
         gather_delay: float | None = None,
         timeout: float = 30.0,
     ):
-        if period <= 0:
-            raise ValueError(f"the sync period must be positive, got {period}")
+        if period < 0:
+            raise ValueError(f"the sync period must be 0 (no averaging rounds) or positive, got {period}")
         self.backends, self.compute, self.directory = backends, compute, directory
         self.own_peer_id, self.source = own_peer_id, source
         self.period = period
-        self.gather_delay = min(2.0, period / 4) if gather_delay is None else gather_delay
+        self.gather_delay = min(2.0, period / 4) if gather_delay is None else gather_delay  # 0 with no rounds
         self.timeout = timeout
         self.stats = SyncStats()
         self._snapshots: dict[int, dict[str, ExpertState]] = {}
@@ -133,7 +134,9 @@ class ReplicaSync:
     # ------------------------------------------------------------------ averaging
 
     async def run(self) -> None:
-        """Average every round until cancelled."""
+        """Average every round until cancelled (a period of 0 means no rounds: serving and `catch_up` only)."""
+        if self.period == 0:
+            return
         while True:
             round_number = math.floor(time.time() / self.period) + 1
             await asyncio.sleep(max(0.0, round_number * self.period - time.time()))
