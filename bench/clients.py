@@ -31,7 +31,7 @@ def copy_gate(gate: nn.Linear, into: nn.Linear) -> None:
 
 def dmoe_layer(initial_peers, hidden_dim: int, prefix: str, num_experts: int, k: int, gate: nn.Linear, **options):
     """`router_client.RemoteMixtureOfExperts` over the swarm at `initial_peers`, with `gate`'s weights, once
-    its catalog lists all `num_experts` experts."""
+    its grid index knows all `num_experts` experts."""
     from router_client import RemoteMixtureOfExperts
 
     options = {"forward_timeout": 120.0, "backward_timeout": 120.0, **options}
@@ -50,9 +50,8 @@ def dmoe_layer(initial_peers, hidden_dim: int, prefix: str, num_experts: int, k:
 
 
 def _live_uids(layer) -> list[str]:
-    """The uids the router's catalog lists (its cached view of the DHT)."""
-    catalog = layer.catalog
-    return list(getattr(getattr(catalog, "view", catalog), "uids", []))
+    """The uids the router's grid index knows (its cached view of the DHT)."""
+    return list(layer.index.replicas)
 
 
 class HivemindClient:

@@ -16,7 +16,7 @@ from pathlib import Path
 from bench.common import REPO, markdown_table
 from bench.registry import BENCHMARKS
 
-ORDER = ("layer", "latency", "codec", "dht", "faults", "memory")
+ORDER = ("layer", "latency", "codec", "grid", "dht", "faults", "memory", "hf_moe")
 NOTES = Path(__file__).resolve().parent / "NOTES.md"
 
 INTRO = """\
@@ -111,6 +111,9 @@ def _section(name: str, result: dict, link_dir: Path, results_dir: Path) -> list
 
 
 def _extra(name: str, result: dict) -> str:
+    module = importlib.import_module(BENCHMARKS[name][0])
+    if hasattr(module, "extra"):  # a benchmark that words its own line under the table
+        return module.extra(result)
     if name == "layer":
         parts = []
         for device, device_result in result["devices"].items():
@@ -178,7 +181,8 @@ def render_benchmarks_md(results_dir: str | os.PathLike, link_dir: str | os.Path
 
 
 def make_plots(results_dir: str | os.PathLike) -> list[Path]:
-    """Draw `layer.png` and `codec.png` next to the JSON files (skipped, with a note, without matplotlib)."""
+    """Draw `layer.png`, `codec.png` and each plot a benchmark module draws itself (its `plot(result, path, plt)`)
+    next to the JSON files (skipped, with a note, without matplotlib)."""
     results_dir = Path(results_dir)
     try:
         import matplotlib
@@ -231,6 +235,11 @@ def make_plots(results_dir: str | os.PathLike) -> list[Path]:
         axes[0].legend(fontsize=7)
         fig.tight_layout()
         written.append(_save(fig, results_dir / "codec.png", plt))
+    for name, result in results.items():  # benchmarks that draw their own plot
+        module = importlib.import_module(BENCHMARKS[name][0]) if name in BENCHMARKS else None
+        if module is not None and hasattr(module, "plot"):
+            module.plot(result, results_dir / f"{name}.png", plt)
+            written.append(results_dir / f"{name}.png")
     return written
 
 

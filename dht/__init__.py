@@ -4,7 +4,8 @@
   or hangs; failures surface as `DHTUnavailableError`.
 * `ExpertDirectory`: peers `declare` the experts they host (one owner-signed record per uid and peer, plus grid
   prefix records); clients `get` replicas, `find_best_experts` by beam search over the grid, or `list_experts`,
-  through a TTL cache.
+  through a TTL cache; `read_grid_prefixes` (parsed `GridPrefix` records) and `search_grid` let a router run
+  the same beam search on a parsed cache of its own.
 * `make_record_validators` / `load_or_create_rsa_key`: what every node runs so that records are well-formed and
   only their owner can change them, and the persistent key a peer signs with.
 * `parse_expert_pattern`, `is_valid_uid`, `split_uid`, `UID_DELIMITER`: expert uids like ``ffn.3.17``.
@@ -20,7 +21,9 @@ from dht.startup import defer_unused_imports  # noqa: E402
 
 defer_unused_imports()  # before the first hivemind import
 
+from dht.beam_search import search_grid  # noqa: E402
 from dht.directory import DirectoryStats, ExpertDirectory, ExpertReplica  # noqa: E402
+from dht.grid import GridPrefix  # noqa: E402
 from dht.identity import load_or_create_rsa_key  # noqa: E402
 from dht.node import DHTNode, DHTUnavailableError  # noqa: E402
 from dht.uids import UID_DELIMITER, is_valid_uid, parse_expert_pattern, split_uid  # noqa: E402
@@ -34,9 +37,11 @@ __all__ = [
     "ExpertDirectory",
     "ExpertRecordValidator",
     "ExpertReplica",
+    "GridPrefix",
     "is_valid_uid",
     "load_or_create_rsa_key",
     "make_record_validators",
     "parse_expert_pattern",
+    "search_grid",
     "split_uid",
 ]

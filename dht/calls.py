@@ -52,14 +52,16 @@ async def describe(dht, node) -> tuple[str, list[str]]:
     return node.peer_id.to_base58(), [str(maddr) for maddr in maddrs]
 
 
-async def get_records(dht, node, keys: Sequence[str]) -> dict[str, RawRecords]:
+async def get_records(dht, node, keys: Sequence[str], latest: bool = True) -> dict[str, RawRecords]:
     """Fetch the dictionary records of `keys`, merged across all the DHT nodes that store them.
 
-    Uses ``sufficient_expiration_time=inf`` (hivemind's ``latest=True``): a plain get stops at the first copy
-    it finds, often the local cache, and would miss replicas that other peers declared since. Keys holding no
-    dictionary map to {}.
+    With `latest` (the default), ``sufficient_expiration_time=inf`` (hivemind's ``latest=True``): a plain get
+    stops at the first unexpired copy it finds, often the local cache, and could miss replicas that other peers
+    declared since; it is faster, for a first look that a later latest read completes. Keys holding no dictionary
+    map to {}.
     """
-    found = await node.get_many(list(keys), sufficient_expiration_time=float("inf"))
+    sufficient = float("inf") if latest else None
+    found = await node.get_many(list(keys), sufficient_expiration_time=sufficient)
     records: dict[str, RawRecords] = {}
     for key in keys:
         item = found.get(key)

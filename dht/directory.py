@@ -18,14 +18,13 @@ from dht import calls
 from dht.beam_search import beam_search
 from dht.cache import RecordCache, unexpired
 from dht.calls import RawRecords
+from dht.grid import GridPrefix, parse_grid_prefix
 from dht.node import DHTNode, DHTUnavailableError
 from dht.records import (
     MAX_EXPIRATION_SECONDS,
-    check_expert_value,
+    ExpertReplica,
     check_prefix_value,
-    expert_subkey,
     grid_prefixes,
-    is_withdrawn,
     make_expert_value,
     make_prefix_value,
     owner_marker,
@@ -33,7 +32,7 @@ from dht.records import (
     prefix_subkey,
     withdrawn,
 )
-from dht.uids import UID_DELIMITER, grid_name, is_valid_uid, split_uid
+from dht.uids import UID_DELIMITER, grid_name, is_valid_grid_prefix, is_valid_uid, split_uid
 from dht.validation import signing_owner_marker
 
 logger = logging.getLogger(__name__)
@@ -42,23 +41,6 @@ logger = logging.getLogger(__name__)
 Operation = Generator[list[str], Mapping[str, RawRecords], Any]
 # A plan yields the calls it needs run in the DHT process, each with its timeout, and receives their results.
 Plan = Generator[tuple[partial, float], Any, Any]
-
-
-@dataclass(frozen=True)
-class ExpertReplica:
-    """One peer's announcement that it serves expert `uid` at gRPC `endpoint`, valid until `expiration_time`.
-
-    `expiration_time` is in DHT time (`hivemind.utils.get_dht_time()`, i.e. Unix time). The load figures are
-    those the peer reported when it last declared the expert.
-    """
-
-    uid: str
-    endpoint: str
-    peer_id: str
-    expiration_time: float
-    expert_cls: str = ""
-    queue_size: int = 0
-    tokens_per_second: float = 0.0
 
 
 @dataclass
@@ -73,9 +55,9 @@ class DirectoryStats:
 class ExpertDirectory:
     """The expert records of a dmoe swarm, read and written through a `DHTNode` (layout: `dht.records`).
 
-    * `declare` (peers): one owner-signed record per uid for this peer, plus the grid-prefix records that
-      make beam search possible, all in one DHT round trip. Records expire after `expiration` seconds unless
-      declared again; another peer can neither overwrite nor erase them.
+    * `declare` (peers): owner-signed grid-prefix records, the last-level one of each uid carrying its
+      endpoint and load (layout: `dht.records`), all in one DHT round trip. Records expire after `expiration`
+      seconds unless declared again; another peer can neither overwrite nor erase them.
     * `get` (clients): every live replica of each uid.
     * `find_best_experts` (routers): per query, the best `k` live uids of a grid for per-dimension scores.
       Batched: one DHT round trip per grid level for all queries together, and none on a cache hit.
@@ -122,7 +104,7 @@ class ExpertDirectory:
         """Announce that this peer serves `uids` at gRPC `endpoint` (``host:port``) for `expiration` seconds.
 
         `load` maps a uid to its figures ``{"queue_size": int, "tokens_per_second": float}`` (missing: zeros).
-        Returns uid -> True if its record and all its prefix records were stored by at least one DHT node.
+        Returns uid -> True if all its prefix records were stored by at least one DHT node.
         Raises ValueError for invalid uids, endpoint or figures, before touching the DHT (also with
         `return_future`).
         """
@@ -166,13 +148,12 @@ class ExpertDirectory:
         for uid in dict.fromkeys(uids):
             if not is_valid_uid(uid):
                 raise ValueError(f"invalid expert uid {uid!r}: expected e.g. 'ffn.3' or 'ffn.3.17'")
-            subkey = expert_subkey(peer_id, self._marker)
             value = make_expert_value(endpoint, peer_id, expert_cls, load.get(uid))
-            records[uid, subkey] = withdrawn(value) if withdraw else value
-            needs[uid] = [(uid, subkey)]
-            for prefix, coord in grid_prefixes(uid):
+            needs[uid] = []
+            prefixes = grid_prefixes(uid)
+            for level, (prefix, coord) in enumerate(prefixes):
                 prefix_record = (prefix, prefix_subkey(coord, peer_id, self._marker))
-                prefix_value = make_prefix_value(uid)
+                prefix_value = make_prefix_value(uid, value if level == len(prefixes) - 1 else None)
                 records.setdefault(prefix_record, withdrawn(prefix_value) if withdraw else prefix_value)
                 needs[uid].append(prefix_record)
         if not records:
@@ -226,16 +207,36 @@ class ExpertDirectory:
         operation = beam_search(grid_name(prefix), grid_scores, k, k if beam_size is None else beam_size)
         return self._execute(self._lookup_plan(operation, use_cache, timeout), return_future)
 
+    def read_grid_prefixes(
+        self,
+        prefixes: Sequence[str],
+        num_dims: int,
+        *,
+        use_cache: bool = True,
+        latest: bool = True,
+        timeout: float | None = None,
+        return_future: bool = False,
+    ) -> dict[str, GridPrefix] | Awaitable[dict[str, GridPrefix]]:
+        """What each grid-prefix key (``"ffn."``, ``"ffn.3."``) says about the `num_dims`-d uids below it, in one
+        DHT round trip for all of them (none on a cache hit): the building block of a router's own beam search.
+
+        ``latest=False`` takes the first unexpired copy of each key the DHT finds instead of merging every
+        node's: several times faster, but it may miss replicas declared since; for a first look that a later
+        (latest) read completes.
+        """
+        operation = _prefix_operation(prefixes, num_dims)
+        return self._execute(self._lookup_plan(operation, use_cache, timeout, latest=latest), return_future)
+
     def list_experts(
         self, prefix: str, *, use_cache: bool = True, timeout: float | None = None, return_future: bool = False
     ) -> dict[str, list[ExpertReplica]] | Awaitable[dict[str, list[ExpertReplica]]]:
-        """Every live uid under grid `prefix` (``"ffn"``) with its replicas; one DHT round trip per level + 1."""
+        """Every live uid under grid `prefix` (``"ffn"``) with its replicas; one DHT round trip per grid level."""
         operation = _list_operation(grid_name(prefix))
         return self._execute(self._lookup_plan(operation, use_cache, timeout), return_future)
 
     # ------------------------------------------------------------------ drivers
 
-    def _lookup_plan(self, operation: Operation, use_cache: bool, timeout: float | None) -> Plan:
+    def _lookup_plan(self, operation: Operation, use_cache: bool, timeout: float | None, latest: bool = True) -> Plan:
         """Answer each key request of `operation` from the cache, asking the DHT (a yielded call) for the misses."""
         deadline = time.monotonic() + self._timeout(timeout)
         try:
@@ -244,7 +245,7 @@ class ExpertDirectory:
                 found, misses = self._from_cache(request, use_cache)
                 if misses:
                     fetched_at = time.monotonic()
-                    fetched = yield partial(calls.get_records, keys=misses), _remaining(deadline)
+                    fetched = yield partial(calls.get_records, keys=misses, latest=latest), _remaining(deadline)
                     found.update(self._fetched(fetched, fetched_at))
                 request = operation.send(found)
         except StopIteration as stop:
@@ -305,35 +306,8 @@ def _remaining(deadline: float) -> float:
     return remaining
 
 
-def parse_replicas(uid: str, records: RawRecords) -> list[ExpertReplica]:
-    """The well-formed expert records among `records` (of key `uid`), one per peer id, sorted by peer id.
-
-    When a peer id appears under several owner keys (a peer that changed its key), the record that expires
-    last wins.
-    """
-    by_peer: dict[str, ExpertReplica] = {}
-    for subkey, (value, expiration_time) in records.items():
-        parsed = parse_subkey(subkey)
-        if parsed is None or parsed.coord is not None or check_expert_value(value, parsed.peer_id) is not None:
-            continue
-        if is_withdrawn(value):
-            continue
-        replica = ExpertReplica(
-            uid=uid,
-            endpoint=value["endpoint"],
-            peer_id=value["peer_id"],
-            expiration_time=float(expiration_time),
-            expert_cls=value["expert_cls"],
-            queue_size=value["load"]["queue_size"],
-            tokens_per_second=value["load"]["tokens_per_second"],
-        )
-        known = by_peer.get(replica.peer_id)
-        if known is None or known.expiration_time < replica.expiration_time:
-            by_peer[replica.peer_id] = replica
-    return [by_peer[peer_id] for peer_id in sorted(by_peer)]
-
-
 def _get_operation(uids: Sequence[str]) -> Operation:
+    """Read the last-level prefix key of every uid (``ffn.3.`` for ``ffn.3.17``), whose records list the replicas."""
     if isinstance(uids, str):
         raise TypeError("uids must be a sequence of uids, not a single string")
     uids = list(dict.fromkeys(uids))
@@ -342,33 +316,54 @@ def _get_operation(uids: Sequence[str]) -> Operation:
             raise ValueError(f"invalid expert uid {uid!r}: expected e.g. 'ffn.3' or 'ffn.3.17'")
     if not uids:
         return {}
-    found = yield uids
-    return {uid: parse_replicas(uid, found.get(uid, {})) for uid in uids}
+    parents = {uid: uid.rsplit(UID_DELIMITER, 1)[0] + UID_DELIMITER for uid in uids}
+    found = yield sorted(set(parents.values()))
+    replicas = {}
+    for uid in uids:
+        coords = split_uid(uid)[1]
+        grid = parse_grid_prefix(parents[uid], found.get(parents[uid], {}), len(coords))
+        replicas[uid] = grid.replicas.get(coords[-1], [])
+    return replicas
+
+
+def _prefix_operation(prefixes: Sequence[str], num_dims: int) -> Operation:
+    if isinstance(prefixes, str):
+        raise TypeError("prefixes must be a sequence of grid prefixes, not a single string")
+    prefixes = list(dict.fromkeys(prefixes))
+    for prefix in prefixes:
+        if not is_valid_grid_prefix(prefix) or prefix.count(UID_DELIMITER) > num_dims:
+            raise ValueError(f"invalid grid prefix {prefix!r} for {num_dims}-d uids: expected e.g. 'ffn.' or 'ffn.3.'")
+    if not prefixes:
+        return {}
+    found = yield prefixes
+    return {prefix: parse_grid_prefix(prefix, found.get(prefix, {}), num_dims) for prefix in prefixes}
 
 
 def _list_operation(name: str) -> Operation:
-    """Walk the grid prefixes of `name` level by level, then fetch the replicas of every uid found."""
-    uids: set[str] = set()
+    """Walk the grid prefixes of `name` level by level; the last level's records list the replicas."""
+    replicas: dict[str, list[ExpertReplica]] = {}
     level = [name + UID_DELIMITER]
-    depth = 0
     while level:
         found = yield level
         next_level: set[str] = set()
         for prefix in level:
-            for subkey, (value, _expiration) in found.get(prefix, {}).items():
-                parsed = parse_subkey(subkey)
-                if parsed is None or parsed.coord is None or check_prefix_value(value, parsed.coord) is not None:
-                    continue
-                if is_withdrawn(value):
-                    continue
-                num_dims = len(split_uid(value["uid"])[1])
-                if num_dims == depth + 1:
-                    uids.add(f"{prefix}{parsed.coord}")
-                elif num_dims > depth + 1:
-                    next_level.add(f"{prefix}{parsed.coord}{UID_DELIMITER}")
-        level, depth = sorted(next_level), depth + 1
-    if not uids:
-        return {}
-    found = yield sorted(uids)
-    replicas = {uid: parse_replicas(uid, found.get(uid, {})) for uid in sorted(uids)}
-    return {uid: found_replicas for uid, found_replicas in replicas.items() if found_replicas}
+            records = found.get(prefix, {})
+            num_dims = _uid_dims(records)
+            if num_dims is None:
+                continue
+            grid = parse_grid_prefix(prefix, records, num_dims)
+            if grid.is_last:
+                replicas.update({f"{prefix}{coord}": rs for coord, rs in grid.replicas.items()})
+            else:
+                next_level.update(f"{prefix}{coord}{UID_DELIMITER}" for coord in grid.coords.tolist())
+        level = sorted(next_level)
+    return {uid: replicas[uid] for uid in sorted(replicas)}
+
+
+def _uid_dims(records: RawRecords) -> int | None:
+    """How many coordinates the uids named by these prefix records have (one grid has one number), if any."""
+    for subkey, (value, _expiration) in records.items():
+        parsed = parse_subkey(subkey)
+        if parsed is not None and parsed.coord is not None and check_prefix_value(value, parsed.coord) is None:
+            return len(split_uid(value["uid"])[1])
+    return None

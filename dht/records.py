@@ -4,17 +4,22 @@ Every dmoe record is one sub-key of a DHT dictionary key, and every sub-key carr
 ``[owner:<ssh-rsa public key>]`` of the peer that wrote it, so only that peer can change it (see
 `dht.validation`). Declaring ``ffn.3.17`` from peer ``P`` stores::
 
-    key "ffn.3.17"  subkey "P[owner:…]"     value {"endpoint": "10.0.0.5:31337", "peer_id": "P",
-                                                   "expert_cls": "ffn", "load": {"queue_size": 0,
-                                                   "tokens_per_second": 812.5}}      (expert record)
     key "ffn."      subkey "3:P[owner:…]"   value {"uid": "ffn.3.17"}               (prefix record)
-    key "ffn.3."    subkey "17:P[owner:…]"  value {"uid": "ffn.3.17"}               (prefix record)
+    key "ffn.3."    subkey "17:P[owner:…]"  value {"uid": "ffn.3.17",               (expert record: the
+                                                   "endpoint": "10.0.0.5:31337",    last-level prefix
+                                                   "peer_id": "P", "expert_cls": "ffn",  record)
+                                                   "load": {"queue_size": 0, "tokens_per_second": 812.5}}
 
-* Replicas: several peers hosting one uid write different sub-keys of the same key; each sub-key has its
-  own expiration, so each replica lives and dies on its own.
 * Prefix records: the key of every proper grid prefix (``"ffn."``, ``"ffn.3."``) lists the next coordinates
   that lead to live experts, one sub-key per (coordinate, owner). Beam search reads one prefix key per beam
   entry and grid level instead of probing every uid. Their value names one uid below that coordinate.
+* Expert records: at the last level (the key one coordinate short of the uid) the value also carries the
+  expert's endpoint, peer id, class and load, so a beam search finds the replicas of the uids it picks in the
+  same round trip, and a peer hosting a whole row of 64 experts writes one key for them, not 64. The expert
+  value shape (`make_expert_value`) also passes as a record of its own under a uid key (``"P[owner:…]"``),
+  which this version no longer writes.
+* Replicas: several peers hosting one uid write different sub-keys (``17:P``, ``17:Q``) of the same key; each
+  sub-key has its own expiration, so each replica lives and dies on its own.
 * All uids under one grid name must have the same number of coordinates (``ffn.3`` and ``ffn.3.17`` cannot
   coexist).
 * Withdrawal: a DHT node keeps, per sub-key, the value with the latest expiration, so a record cannot be
@@ -50,6 +55,23 @@ _HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 EXPERT_FIELDS = ("endpoint", "peer_id", "expert_cls", "load")
 LOAD_FIELDS = ("queue_size", "tokens_per_second")
 WITHDRAWN = "withdrawn"
+
+
+@dataclass(frozen=True)
+class ExpertReplica:
+    """One peer's announcement that it serves expert `uid` at gRPC `endpoint`, valid until `expiration_time`.
+
+    `expiration_time` is in DHT time (`hivemind.utils.get_dht_time()`, i.e. Unix time). The load figures are
+    those the peer reported when it last declared the expert.
+    """
+
+    uid: str
+    endpoint: str
+    peer_id: str
+    expiration_time: float
+    expert_cls: str = ""
+    queue_size: int = 0
+    tokens_per_second: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -132,9 +154,10 @@ def _clamp(figure: object, upper: float) -> float:
     return min(figure, upper) if figure > 0 else 0.0  # NaN > 0 is False
 
 
-def make_prefix_value(uid: str) -> dict:
-    """Build the value of a prefix record (an example uid below that prefix)."""
-    return {"uid": uid}
+def make_prefix_value(uid: str, expert_value: Mapping[str, object] | None = None) -> dict:
+    """Build the value of a prefix record: an example uid below that prefix and, for the last-level prefix of
+    `uid`, the fields of its expert record (`expert_value`, from `make_expert_value`)."""
+    return {"uid": uid, **(expert_value or {})}
 
 
 def withdrawn(value: dict) -> dict:
@@ -218,4 +241,7 @@ def check_record(subkey: object, value: object) -> str | None:
         return f"sub-key {subkey!r:.80} is not '<peer_id>[owner:…]' or '<coord>:<peer_id>[owner:…]'"
     if parsed.coord is None:
         return check_expert_value(value, parsed.peer_id)
-    return check_prefix_value(value, parsed.coord)
+    error = check_prefix_value(value, parsed.coord)
+    if error is None and any(field in value for field in EXPERT_FIELDS):  # a last-level prefix record
+        error = check_expert_value(value, parsed.peer_id)
+    return error

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -94,52 +93,31 @@ def _add_status_args(parser: argparse.ArgumentParser) -> None:
         metavar="MADDR",
         help="DHT nodes to ask [DMOE_INITIAL_PEERS; required unless that is set]",
     )
+    from dmoe_cli.status import add_all_flag
+
+    add_all_flag(parser)
 
 
 def _run_status(args: argparse.Namespace) -> int:
     from hivemind.utils import get_dht_time
 
     from dht import DHTNode, ExpertDirectory
+    from dmoe_cli.status import print_json, print_status, status_document
 
     setup_logging(args.verbose)
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     with DHTNode(initial_peers=args.initial_peers, client_mode=True, call_timeout=args.timeout) as node:
         experts = ExpertDirectory(node).list_experts(args.prefix, timeout=args.timeout)
-    now = get_dht_time()
-    rows = {
-        uid: [
-            {
-                "endpoint": r.endpoint,
-                "peer_id": r.peer_id,
-                "expert_cls": r.expert_cls,
-                "queue_size": r.queue_size,
-                "tokens_per_second": r.tokens_per_second,
-                "expires_in": round(r.expiration_time - now, 1),
-            }
-            for r in replicas
-        ]
-        for uid, replicas in sorted(experts.items(), key=lambda item: _uid_sort_key(item[0]))
-    }
+    document = status_document(args.prefix, experts, get_dht_time())
     if args.json:
-        print(json.dumps({"prefix": args.prefix, "experts": rows}, indent=2))
+        print_json(document)
         return 0
-    if not rows:
+    if not experts:
         print(f"no experts found under prefix {args.prefix!r}")
         return 1
-    print(f"{len(rows)} experts under {args.prefix!r}:")
-    print(f"  {'uid':<16} {'endpoint':<22} {'peer':<14} {'queue':>5} {'tok/s':>9} {'expires':>8}")
-    for uid, replicas in rows.items():
-        for replica in replicas:
-            print(
-                f"  {uid:<16} {replica['endpoint']:<22} {replica['peer_id'][-12:]:<14} {replica['queue_size']:>5} "
-                f"{replica['tokens_per_second']:>9.1f} {replica['expires_in']:>7.0f}s"
-            )
+    print_status(document, show_all=args.all)
     return 0
-
-
-def _uid_sort_key(uid: str) -> tuple:
-    return tuple(int(part) if part.isdigit() else part for part in uid.split("."))
 
 
 def _wait_for_signal(alive: Callable[[], bool] = lambda: True) -> None:
@@ -204,6 +182,42 @@ def _run_bench(args: argparse.Namespace) -> int:
     return run_bench_command(args)
 
 
+def _add_monitor_args(parser: argparse.ArgumentParser) -> None:
+    from dmoe_cli.monitor.command import add_monitor_arguments
+
+    add_monitor_arguments(parser)
+
+
+def _run_monitor(args: argparse.Namespace) -> int:
+    from dmoe_cli.monitor.command import run_monitor_command
+
+    return run_monitor_command(args)
+
+
+def _add_plot_args(parser: argparse.ArgumentParser) -> None:
+    from dmoe_cli.plot import add_plot_arguments
+
+    add_plot_arguments(parser)
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from dmoe_cli.plot import run_plot_command
+
+    return run_plot_command(args)
+
+
+def _add_generate_args(parser: argparse.ArgumentParser) -> None:
+    from dmoe_cli.generate import add_generate_arguments
+
+    add_generate_arguments(parser)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from dmoe_cli.generate import run_generate_command
+
+    return run_generate_command(args)
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "dht": ("run a bootstrap DHT node that peers and clients join", _add_dht_args, _run_dht),
     "peer": ("host experts: serve them over gRPC and announce them in the DHT", _add_peer_args, _run_peer),
@@ -225,4 +239,15 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         _add_infer_args,
         lambda args: _jobs().run_infer_command(args),
     ),
+    "generate": (
+        "greedy text from a Hugging Face MoE checkpoint whose experts the swarm hosts (dmoe swarm --hf-model)",
+        _add_generate_args,
+        _run_generate,
+    ),
+    "monitor": (
+        "a web page, a JSON API and Prometheus metrics of a swarm: health, experts, peers, throughput",
+        _add_monitor_args,
+        _run_monitor,
+    ),
+    "plot": ("draw the loss and tokens/s of a `dmoe train --log-csv` file as a PNG", _add_plot_args, _run_plot),
 }

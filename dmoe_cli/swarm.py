@@ -78,6 +78,20 @@ class SwarmConfig:
         "chaos mode: append every kill and restart to this file as a JSON line (peer, pid, experts, update counts)",
         metavar="FILE",
     )
+    hf_model: str | None = _opt(
+        None,
+        "Hugging Face MoE checkpoint folder: spread every routed expert of every layer over the peers, each with "
+        "--replicas replicas (--experts-per-peer, --expert-cls and --hidden-dim are then ignored)",
+        metavar="DIR",
+    )
+    uid_prefix: str | None = _opt(
+        None, "with --hf-model: expert E of layer L is UID_PREFIX.L.E (default: --prefix)", metavar="UID_PREFIX"
+    )
+
+    @property
+    def expert_prefix(self) -> str:
+        """The uid prefix of the swarm's experts."""
+        return (self.uid_prefix if self.hf_model and self.uid_prefix else self.prefix).rstrip(".")
 
 
 _PLACEMENT_TRIES = 50_000  # sets of peers the placement search may try in all (bounds the work on big swarms)
@@ -117,6 +131,35 @@ def assign_experts(peers: int, experts_per_peer: int, replicas: int, prefix: str
         for peer in combo:
             hosted[peer].append(expert)
     return [[f"{prefix}.{index}" for index in sorted(indices)] for indices in hosted]
+
+
+def assign_uids(uids: list[str], peers: int, replicas: int) -> list[list[str]]:
+    """The uids each of `peers` peers hosts when every uid gets `replicas` replicas on different peers.
+
+    Peers host at most ⌈len(uids) · replicas / peers⌉ uids each; placement as in `assign_experts`.
+    """
+    for name, value in (("peers", peers), ("replicas", replicas)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if replicas > peers:
+        raise ValueError(f"replicas ({replicas}) must not exceed peers ({peers}): each replica needs its own peer")
+    per_peer = -(-len(uids) * replicas // peers)
+    placement = _place(peers, per_peer, replicas, len(uids), distinct=True)
+    placement = placement or _place(peers, per_peer, replicas, len(uids), distinct=False)
+    if placement is None:
+        placement = [tuple((e * replicas + k) % peers for k in range(replicas)) for e in range(len(uids))]
+    hosted: list[list[int]] = [[] for _ in range(peers)]
+    for expert, combo in enumerate(placement):
+        for peer in combo:
+            hosted[peer].append(expert)
+    return [[uids[index] for index in sorted(indices)] for indices in hosted]
+
+
+def hf_model_uids(hf_model: str, prefix: str) -> list[str]:
+    """Every routed expert of the checkpoint in `hf_model` as a uid `PREFIX.L.E`."""
+    from models.hf_families import HFMoEModel, load_hf_config
+
+    return HFMoEModel.from_config(load_hf_config(hf_model)).uids(prefix)
 
 
 def _place(
@@ -294,7 +337,13 @@ class LocalSwarm:
     def __init__(self, config: SwarmConfig, *, verbose: bool = False):
         self.config = config
         self.verbose = verbose
-        self.assignments = assign_experts(config.peers, config.experts_per_peer, config.replicas, config.prefix)
+        if config.hf_model:
+            self._uids = hf_model_uids(config.hf_model, config.expert_prefix)
+            self.assignments = assign_uids(self._uids, config.peers, config.replicas)
+        else:
+            self.assignments = assign_experts(config.peers, config.experts_per_peer, config.replicas, config.prefix)
+            count = config.peers * config.experts_per_peer // config.replicas
+            self._uids = [f"{config.prefix}.{i}" for i in range(count)]
         self.log_dir = Path(config.log_dir) if config.log_dir else Path(tempfile.mkdtemp(prefix="dmoe-swarm-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.initial_peers: list[str] = []
@@ -310,8 +359,7 @@ class LocalSwarm:
     @property
     def uids(self) -> list[str]:
         """Every expert uid in the swarm, in order."""
-        count = self.config.peers * self.config.experts_per_peer // self.config.replicas
-        return [f"{self.config.prefix}.{i}" for i in range(count)]
+        return list(self._uids)
 
     @property
     def processes(self) -> list[subprocess.Popen]:
@@ -405,10 +453,11 @@ class LocalSwarm:
             *self.initial_peers,
             "--experts",
             ",".join(self.assignments[index]),
-            "--expert-cls",
-            config.expert_cls,
-            "--hidden-dim",
-            str(config.hidden_dim),
+            *(
+                ["--hf-model", config.hf_model]
+                if config.hf_model
+                else ["--expert-cls", config.expert_cls, "--hidden-dim", str(config.hidden_dim)]
+            ),
             "--host",
             "127.0.0.1",
             "--port",

@@ -21,6 +21,9 @@ from dmoe_cli.swarm import LocalSwarm, SwarmConfig, SwarmStartError
 PYTHON_SNIPPET = """\
     from router_client import RemoteMixtureOfExperts
     moe = RemoteMixtureOfExperts({hidden}, ({count},), "{prefix}", k_best=2, initial_peers={initial_peers!r})"""
+HF_PYTHON_SNIPPET = """\
+    from router_client import load_hf_model
+    model = load_hf_model({folder!r}, uid_prefix="{prefix}", initial_peers={initial_peers!r})"""
 
 
 def _summary(swarm: LocalSwarm) -> str:
@@ -28,9 +31,9 @@ def _summary(swarm: LocalSwarm) -> str:
     uids = swarm.uids
     maddr = swarm.initial_peers[0]
     replicas = f"{config.replicas} replica{'s' if config.replicas > 1 else ''} each"
+    kind = f"of {config.hf_model}" if config.hf_model else f"{config.expert_cls}, hidden {config.hidden_dim}"
     lines = [
-        f"dmoe swarm: {config.peers} peers serving {len(uids)} experts ({uids[0]} … {uids[-1]}, "
-        f"{replicas}, {config.expert_cls}, hidden {config.hidden_dim})",
+        f"dmoe swarm: {config.peers} peers serving {len(uids)} experts ({uids[0]} … {uids[-1]}, {replicas}, {kind})",
         f"DHT node: {maddr}",
     ]
     for i, (endpoint, hosted, popen) in enumerate(
@@ -43,12 +46,23 @@ def _summary(swarm: LocalSwarm) -> str:
         *([f"DHT multiaddrs written to {config.addr_file}"] if config.addr_file else []),
         "",
         "Connect to it:",
-        f"    dmoe status --initial-peers {maddr} --prefix {config.prefix}",
-        PYTHON_SNIPPET.format(initial_peers=[maddr], hidden=config.hidden_dim, count=len(uids), prefix=config.prefix),
+        f"    dmoe status --initial-peers {maddr} --prefix {config.expert_prefix}",
+        *_client_lines(config, maddr, len(uids)),
         "",
         "Ctrl-C (or SIGTERM) stops the swarm.",
     ]
     return "\n".join(lines)
+
+
+def _client_lines(config: SwarmConfig, maddr: str, count: int) -> list[str]:
+    if config.hf_model:
+        prefix = config.expert_prefix
+        return [
+            f"    dmoe generate --hf-model {config.hf_model} --uid-prefix {prefix} --initial-peers {maddr} "
+            "--prompt-ids 1,2,3 --max-new-tokens 8",
+            HF_PYTHON_SNIPPET.format(folder=config.hf_model, prefix=prefix, initial_peers=[maddr]),
+        ]
+    return [PYTHON_SNIPPET.format(initial_peers=[maddr], hidden=config.hidden_dim, count=count, prefix=config.prefix)]
 
 
 def _write_addr_file(path: str, maddrs: list[str]) -> None:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dmoe_cli.config_args import config_field, nested_config
+from dmoe_cli.plot import TrainingLog
 from models import CharTransformer, ModelConfig, load_corpus, sample_batch, split_train_val
 from peer import atomic_write_bytes
 from router_client import RouterConfig
@@ -73,6 +74,9 @@ class TrainConfig:
         "often faster for this small model on a busy machine)",
     )
     sample_chars: int = config_field(200, "bytes of text to sample at the end of training (0 to skip)")
+    log_csv: str | None = config_field(
+        None, "append step, loss, tokens/s and elapsed seconds of every step here (CSV; JSON lines for .jsonl)"
+    )
     model: ModelConfig = nested_config(ModelConfig, hidden=("vocab_size",))
     router: RouterConfig = field(default_factory=RouterConfig)
 
@@ -274,11 +278,13 @@ def train(config: TrainConfig, *, make_ffn: FFNFactory | None = None, progress: 
     model.train()
     started = time.perf_counter()
     bar = tqdm(total=config.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
-    with bar, logging_redirect_tqdm(), _stop_on_sigint() as stop:
+    curve = TrainingLog(config.log_csv) if config.log_csv else contextlib.nullcontext()
+    with bar, logging_redirect_tqdm(), _stop_on_sigint() as stop, curve as curve_log:
         while step < config.steps and not stop.is_set():
             if config.eval_every and step % config.eval_every == 0 and step != evaluated_at:
                 val_loss, evaluated_at = evaluate(), step
                 logger.info("step %d: val loss %.4f", step, val_loss)
+            step_started = time.perf_counter()
             x, y = sample_batch(train_data, config.batch_size, model_config.block_size, batch_rng)
             optimizer.zero_grad(set_to_none=True)
             try:  # the remote part of the step: nothing of the client's has changed if it raises
@@ -301,6 +307,8 @@ def train(config: TrainConfig, *, make_ffn: FFNFactory | None = None, progress: 
             losses.append(model.last_ce_loss.item())
             stats = expert_stats(model)
             elapsed = time.perf_counter() - started
+            if curve_log is not None:
+                curve_log.write(step, losses[-1], tokens_per_step / (time.perf_counter() - step_started), elapsed)
             bar.update(1)
             bar.set_postfix(
                 loss=f"{losses[-1]:.3f}",

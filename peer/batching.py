@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from peer.compute import INLINE_MAX_SECONDS, ComputeRunner
+from peer.metrics import waiting_for_compute
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class BatchingQueue:
         self._last_batch: tuple[int, float] | None = None  # (tokens, seconds) of the last computed batch
         self.max_batch_size, self.max_queue_size = max_batch_size, max_queue_size
         self.stats = LoadStats()
+        self.on_batch: Callable[[int, float], None] | None = None
+        """Called with the tokens and compute seconds of each computed batch (`peer.metrics`)."""
         self._pending: collections.deque[_Task] = collections.deque()
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
@@ -121,7 +124,8 @@ class BatchingQueue:
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_Task(list(tensors), int(tensors[0].shape[0]), deadline, future, forward_id))
         self._wakeup.set()
-        return await future
+        with waiting_for_compute():
+            return await future
 
     def _next_batch(self) -> list[_Task]:
         batch: list[_Task] = []
@@ -172,6 +176,8 @@ class BatchingQueue:
                 continue
             self._last_batch = (num_tokens, time.perf_counter() - started)
             self.stats.record_batch(num_tokens)
+            if self.on_batch is not None:
+                self.on_batch(num_tokens, self._last_batch[1])
             offset = 0
             for task in batch:
                 if not task.future.done():

@@ -27,6 +27,16 @@ class PeerConfig:
     expert_cls: str = _opt("ffn", "expert class: ffn, swiglu, or one registered by --custom-module")
     hidden_dim: int = _opt(1024, "hidden size of every hosted expert")
     custom_module: str | None = _opt(None, "Python file that registers expert classes with register_expert_class")
+    hf_model: str | None = _opt(
+        None,
+        "Hugging Face MoE checkpoint folder: host its routed experts, --experts 'PREFIX.[0:L].[0:E]' naming expert E "
+        "of decoder layer L (reads only those experts' tensors; --expert-cls and --hidden-dim are then ignored)",
+    )
+    dtype: str = _opt(
+        "auto",
+        "with --hf-model: dtype of the hosted experts (auto keeps the checkpoint's)",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
     initial_peers: list[str] = _opt(
         (), "multiaddrs of DHT nodes to join (from `dmoe dht`); none starts a new DHT", nargs="*"
     )
@@ -36,6 +46,9 @@ class PeerConfig:
         None, "address other machines use to reach this peer (default: --host, or this machine's IP when 0.0.0.0)"
     )
     dht_port: int = _opt(0, "port of this peer's own DHT node; 0 picks a free one")
+    metrics_port: int | None = _opt(
+        None, "serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port; none: no metrics)"
+    )
     device: str = _opt("cpu", "torch device for the experts: cpu, cuda, cuda:1, ...")
     max_batch_size: int = _opt(8192, "most tokens merged into one compute batch (and allowed in one request)")
     max_queue_size: int = _opt(1024, "most requests waiting per expert before RESOURCE_EXHAUSTED")
@@ -59,7 +72,8 @@ class PeerConfig:
         None,
         "when serving, write a JSON file here (atomically) that other processes read instead of this peer's "
         "output; removed on a clean stop. Keys: endpoint (host:port), port, pid, peer_id and dht_maddrs "
-        "(empty without a DHT), experts (the hosted uids), update_counts (uid: updates at start) and "
+        "(empty without a DHT), metrics_port (null without --metrics-port), experts (the hosted uids), "
+        "update_counts (uid: updates at start) and "
         "resumed (uid: the update count its checkpoint held, null when it started afresh)",
     )
     identity: str | None = _opt(None, "file with this peer's signing key (created if missing); keeps record ownership")

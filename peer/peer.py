@@ -28,6 +28,7 @@ from peer.compute import ComputeRunner
 from peer.config import PeerConfig
 from peer.experts import get_expert_class, load_custom_module
 from peer.graphs import ForwardGraphStore
+from peer.metrics import PeerMetrics
 from peer.replica_sync import ReplicaSync
 from peer.security import ClientLimiter, SwarmKeyInterceptor, resolve_swarm_key, server_credentials
 from peer.servicer import SERVICE_NAME, ExpertServicer, HostedExpert
@@ -76,7 +77,18 @@ class Peer:
         self.uids = parse_expert_pattern(config.experts) if config.experts else []
         if not self.uids:
             raise ValueError("no experts to host: pass --experts, e.g. 'ffn.[0:4]'")
-        self.expert_class = get_expert_class(config.expert_cls)
+        self.hf_experts = None
+        """With --hf-model, the checkpoint the experts are read from (`peer.hf_experts.HFCheckpointExperts`)."""
+        if config.hf_model:
+            from peer.hf_experts import HFCheckpointExperts
+
+            self.hf_experts = HFCheckpointExperts(config.hf_model, dtype=config.dtype)
+            self.hf_experts.check(self.uids)
+            self.expert_class = self.hf_experts.expert_class(self.uids[0])  # its name is announced
+        else:
+            if config.dtype != "auto":
+                raise ValueError("--dtype applies to --hf-model experts only")
+            self.expert_class = get_expert_class(config.expert_cls)
         if config.hidden_dim < 1:
             raise ValueError(f"--hidden-dim must be at least 1, got {config.hidden_dim}")
         _check_device(config.device)
@@ -94,6 +106,8 @@ class Peer:
         self.replica_sync: ReplicaSync | None = None
         """Averaging with the other replicas of the hosted experts, once the peer is in the DHT."""
         self._state_client: StateClient | None = None
+        self.metrics: PeerMetrics | None = PeerMetrics() if config.metrics_port is not None else None
+        """Prometheus metrics, served at `metrics.port` once started (None without `config.metrics_port`)."""
         self._stopped = asyncio.Event()
         self._stopping = False
 
@@ -128,8 +142,9 @@ class Peer:
             peer_id=lambda: self.dht_node.peer_id if self.dht_node is not None else "",
         )
         swarm_key = resolve_swarm_key(config.swarm_key)
+        interceptors = [self.metrics.interceptor()] if self.metrics is not None else []
         self._server = grpc.aio.server(
-            interceptors=[SwarmKeyInterceptor(swarm_key)] if swarm_key else None,
+            interceptors=[*interceptors, SwarmKeyInterceptor(swarm_key)] if swarm_key else interceptors or None,
             options=[
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),
@@ -148,6 +163,9 @@ class Peer:
         )
         self.port = self._bind_port()
         await self._server.start()
+        if self.metrics is not None:
+            self.metrics.watch(experts, config.checkpoint_dir)
+            self.metrics.serve(config.host, config.metrics_port)
         if self.announce:
             self._start_replica_sync()
             if config.catch_up:
@@ -230,10 +248,11 @@ class Peer:
     def _build_expert(self, uid: str) -> HostedExpert:
         config = self.config
         seed = None if config.seed is None else zlib.crc32(f"{config.seed}/{uid}".encode())
+        hf = self.hf_experts
         backend = ExpertBackend(
             uid,
-            self.expert_class,
-            config.hidden_dim,
+            hf.expert_class(uid) if hf is not None else self.expert_class,
+            hf.hidden_size if hf is not None else config.hidden_dim,
             optimizer=config.optimizer,
             lr=config.lr,
             clip_grad_norm=config.clip_grad_norm,
@@ -308,6 +327,7 @@ class Peer:
             "pid": os.getpid(),
             "peer_id": self.dht_node.peer_id if self.dht_node is not None else "",
             "dht_maddrs": list(dht_maddrs),
+            "metrics_port": self.metrics.port if self.metrics is not None else None,
             "experts": list(self.uids),
             "update_counts": {uid: backend.update_count for uid, backend in self.backends.items()},
             "resumed": dict(self.resumed),
@@ -380,6 +400,8 @@ class Peer:
                     await expert.backward_queue.stop()
                 await self.save_checkpoints()
         finally:
+            if self.metrics is not None:
+                self.metrics.close()
             self._compute.shutdown(wait=True)
             if self.dht_node is not None:
                 await asyncio.to_thread(self.dht_node.shutdown)

@@ -41,7 +41,10 @@ class RouterConfig:
     hedge_min_delay: float = config_field(0.02, "never hedge sooner than this many seconds into a request")
     ban_base: float = config_field(1.0, "seconds a failing peer is banned at first; doubles per failure in a row")
     ban_max: float = config_field(60.0, "longest ban, in seconds")
-    cache_ttl: float = config_field(5.0, "seconds the list of experts and their replicas is reused before a refresh")
+    cache_ttl: float = config_field(5.0, "seconds the grid's DHT records and replicas are reused before a refresh")
+    beam_size: int | None = config_field(
+        None, "grid prefixes each token keeps per level of the beam search over the DHT (default: k_best + 2)"
+    )
     compression: str = config_field(
         "none", "lossy compression of tensors on the wire", choices=tuple(COMPRESSION_NAMES)
     )

@@ -180,7 +180,7 @@ def test_a_replica_refusing_connections_is_marked_dead_and_its_sibling_serves(dh
         assert moe.stats["failed_requests"] == 0, "the sibling served inside the same request"
         served = sibling.servicer.requests["forward"]
 
-        replicas = moe.catalog.view.replicas["ffn.0"]
+        replicas = moe.index.replicas_of("ffn.0")
         assert [r.endpoint for r in moe.scores.order(replicas)] == [sibling.endpoint]
         with torch.no_grad():
             for _ in range(5):
@@ -220,7 +220,7 @@ def test_a_killed_peer_is_routed_around_and_used_again_once_restarted(dht_node, 
     with torch.no_grad():
         while True:  # ffn.3 is every token's favourite: once usable it is chosen, and a failure would count
             assert time.monotonic() < deadline, "the restarted peer should be routed to again"
-            usable = bool(moe.catalog.view.usable(moe.scores.unusable_endpoints())[3])
+            usable = bool(moe.index.usable(moe.scores.unusable_endpoints())[moe.index.row("ffn.3")])
             failures = moe.stats["failed_requests"]
             moe(x)
             if usable and moe.stats["failed_requests"] == failures:

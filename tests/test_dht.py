@@ -36,7 +36,7 @@ from dht import (
     parse_expert_pattern,
     split_uid,
 )
-from dht.records import expert_subkey, make_expert_value, owner_marker, prefix_subkey
+from dht.records import expert_subkey, make_expert_value, make_prefix_value, owner_marker, prefix_subkey
 
 # ---------------------------------------------------------------- fixtures
 
@@ -396,7 +396,7 @@ def test_cached_lookup_does_not_touch_the_dht(swarm: Swarm, client: DHTNode):
     assert directory.stats.dht_rounds == 1
     client.shutdown()  # from now on any DHT call would raise DHTUnavailableError
     assert directory.get(["cached.0", "cached.1"]) == first
-    assert directory.stats.dht_rounds == 1 and directory.stats.cache_hits == 2
+    assert directory.stats.dht_rounds == 1 and directory.stats.cache_hits == 1  # both uids live under "cached."
     with pytest.raises(DHTUnavailableError):
         directory.get(["cached.0"], use_cache=False)
 
@@ -433,8 +433,9 @@ def test_rogue_node_can_neither_overwrite_nor_erase_a_signed_record(swarm: Swarm
     owner = swarm.directories[0]
     assert owner.declare(["guarded.0"], "127.0.0.1:9600") == {"guarded.0": True}
     [original] = swarm.directories[1].get(["guarded.0"], use_cache=False)["guarded.0"]
-    victim_subkey = expert_subkey(swarm.nodes[0].peer_id, owner_marker(swarm.keys[0].get_public_key().to_bytes()))
-    forged = msgpack.packb(make_expert_value("6.6.6.6:666", swarm.nodes[0].peer_id), use_bin_type=True)
+    victim_subkey = prefix_subkey(0, swarm.nodes[0].peer_id, owner_marker(swarm.keys[0].get_public_key().to_bytes()))
+    forged_value = make_prefix_value("guarded.0", make_expert_value("6.6.6.6:666", swarm.nodes[0].peer_id))
+    forged = msgpack.packb(forged_value, use_bin_type=True)
     later = get_dht_time() + 600
     other_key = RSAPrivateKey()
     forged_signature = RSASignatureValidator.SIGNATURE_FORMAT.replace(b"_value_", other_key.sign(forged))
@@ -445,7 +446,7 @@ def test_rogue_node_can_neither_overwrite_nor_erase_a_signed_record(swarm: Swarm
         "erase with a None value": (victim_subkey, msgpack.packb(None)),
     }
     for attack, (subkey, value) in attacks.items():
-        verdicts = rogue.run(partial(_rogue_store, key="guarded.0", subkey=subkey, value=value, expiration_time=later))
+        verdicts = rogue.run(partial(_rogue_store, key="guarded.", subkey=subkey, value=value, expiration_time=later))
         assert len(verdicts) >= 3 and not any(verdicts), attack  # every honest node refused
     for directory in swarm.directories:
         assert directory.get(["guarded.0"], use_cache=False)["guarded.0"] == [original]
@@ -456,10 +457,10 @@ def test_honest_nodes_reject_malformed_values(swarm: Swarm):
     rogue_key = RSAPrivateKey()
     with dht_node(initial_peers=swarm.initial_peers, record_validators=[RSASignatureValidator(rogue_key)]) as rogue:
         marker = owner_marker(rogue_key.get_public_key().to_bytes())
-        subkey = expert_subkey(rogue.peer_id, marker)
+        subkey = prefix_subkey(0, rogue.peer_id, marker)
         expiration = get_dht_time() + 60
-        good = make_expert_value("127.0.0.1:9700", rogue.peer_id)
-        store = partial(_rogue_store, key="malformed.0", subkey=subkey, expiration_time=expiration, sign=True)
+        good = make_prefix_value("malformed.0", make_expert_value("127.0.0.1:9700", rogue.peer_id))
+        store = partial(_rogue_store, key="malformed.", subkey=subkey, expiration_time=expiration, sign=True)
         bad_values = {
             "missing field": {k: v for k, v in good.items() if k != "endpoint"},
             "wrong type": {**good, "load": {"queue_size": "many", "tokens_per_second": 1.0}},
