@@ -148,13 +148,14 @@ class ReplicaSync:
                 logger.exception("averaging round %d failed", round_number)
 
     async def sync_round(self, round_number: int) -> None:
-        """Snapshot, gather the other replicas' snapshots of the same round, and move to their mean."""
-        snapshots = {uid: await self.compute.run(capture, backend) for uid, backend in self.backends.items()}
+        """Snapshot the experts that have replicas elsewhere, gather those replicas' snapshots of the same round,
+        and move to their mean (an expert hosted nowhere else is not copied at all)."""
+        replicas = await self._other_replicas()
+        snapshots = {uid: await self.compute.run(capture, self.backends[uid]) for uid in replicas}
         self._snapshots[round_number] = snapshots
         for old in [r for r in self._snapshots if r < round_number - 1]:
             del self._snapshots[old]
         await asyncio.sleep(self.gather_delay)
-        replicas = await self._other_replicas()
         await asyncio.gather(*(self._average(uid, round_number, others) for uid, others in replicas.items()))
         self.stats.rounds += 1
 

@@ -23,6 +23,9 @@ from router_client.replicas import PeerScores
 
 logger = logging.getLogger(__name__)
 
+PREFETCH_ROWS = 1024
+"""How many rows under the grid's root the index reads ahead in the background, once the root is known."""
+
 
 @dataclass(frozen=True)
 class _Entry:
@@ -44,7 +47,8 @@ class GridIndex:
     an expert with a usable replica (inner levels judge by the peer ids in the prefix records), so a token's
     candidates are experts that can answer. Every fetched last-level record is shown to `scores`
     (`PeerScores.observe`, which revives dead replicas that announced a newer record), and while a cached prefix
-    lists a dead replica it is re-read every `recheck` seconds (if sooner than `ttl`). With `trusted_peers`
+    lists a dead replica it is re-read every `recheck` seconds (if sooner than `ttl`). Once the root is known, the
+    rows below it that no forward needed yet are read ahead in the background. With `trusted_peers`
     (peer ids), records of every other peer are ignored. The index is written on the router's loop and read from
     any thread; readers only look entries up.
     """
@@ -227,6 +231,17 @@ class GridIndex:
             fetched_at -= max(0.0, self.ttl - self.recheck)  # re-read with `latest` within `recheck` seconds
         for grid in grids.values():
             self._store(self._trusted(grid), fetched_at)
+        root = grids.get(self._root)
+        if root is not None and not root.is_last:
+            self._prefetch([f"{self._root}{c}{UID_DELIMITER}" for c in self._entries[self._root].grid.coords.tolist()])
+
+    def _prefetch(self, prefixes: list[str]) -> None:
+        """On the router's loop: read the rows under the root that no forward has needed yet, in the background,
+        so that a later batch whose beams reach them does not wait for the DHT (at most `PREFETCH_ROWS`)."""
+        wanted = [p for p in prefixes if p not in self._entries and p not in self._refreshing][:PREFETCH_ROWS]
+        if wanted:
+            self._refreshing.update(wanted)
+            self._start_refresh(wanted)
 
     def _trusted(self, grid: GridPrefix) -> GridPrefix:
         trusted = self.trusted_peers
