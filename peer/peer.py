@@ -217,6 +217,7 @@ class Peer:
                 "machine's; choose another --port (0 picks a free one) or --host"
             )
         if port_file is not None:
+            port_file.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(port_file, f"{port}\n".encode())
         return port
 

@@ -225,7 +225,9 @@ class GridIndex:
             )
         except (DHTUnavailableError, TimeoutError, OSError) as exc:
             self.lookups["failed"] += 1
-            logger.warning("could not read %d prefixes of %r from the DHT: %s", len(prefixes), self.name, exc)
+            shut_down = "shut down" in str(exc)  # the client is closing: nothing to tell
+            log = logger.debug if shut_down else logger.warning
+            log("could not read %d prefixes of %r from the DHT: %s", len(prefixes), self.name, exc)
             return
         if not latest:
             fetched_at -= max(0.0, self.ttl - self.recheck)  # re-read with `latest` within `recheck` seconds

@@ -218,12 +218,13 @@ def _make_jobs(top_rows: torch.Tensor, valid: torch.Tensor, index: GridIndex) ->
     choices = top_rows.reshape(-1)[positions]
     order = torch.argsort(choices, stable=True)
     experts, counts = torch.unique_consecutive(choices[order], return_counts=True)
-    jobs, start = [], 0
-    for row, count in zip(experts.tolist(), counts.tolist(), strict=True):
-        chosen = positions[order[start : start + count]]
-        jobs.append(ExpertJob(index.uid(row), chosen // k, chosen % k))
-        start += count
-    return jobs
+    positions = positions[order]
+    sizes = counts.tolist()
+    tokens, slots = (positions // k).split(sizes), (positions % k).split(sizes)
+    return [
+        ExpertJob(index.uid(row), token_index, slot_index)
+        for row, token_index, slot_index in zip(experts.tolist(), tokens, slots, strict=True)
+    ]
 
 
 def _switch_balance_loss(logits: tuple[torch.Tensor, ...], top1_coords: list[torch.Tensor]) -> torch.Tensor:

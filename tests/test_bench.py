@@ -23,11 +23,12 @@ FIELDS = {
     "dht": ["config", "rows", "startup_s", "declare_s_per_node", "list_all_s"],
     "faults": ["config", "segments", "summary", "ratio", "targets"],
     "memory": ["config", "base", "rows", "client", "slope_mib_per_expert", "targets"],
+    "grid": ["config", "grids", "nodes", "round_ms_fit", "round_ms_projected", "record_bytes"],
 }
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(660)
 def test_quick_bench_writes_every_json_with_its_fields(tmp_path):
     out = tmp_path / "results"
     report = tmp_path / "BENCHMARKS.md"
@@ -36,7 +37,7 @@ def test_quick_bench_writes_every_json_with_its_fields(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=640,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -58,7 +59,7 @@ def test_quick_bench_writes_every_json_with_its_fields(tmp_path):
     text = report.read_text()
     for name in FIELDS:
         assert f"## {name}" in text
-    assert (out / "layer.png").exists() and (out / "codec.png").exists()
+    assert (out / "layer.png").exists() and (out / "codec.png").exists() and (out / "grid.png").exists()
 
 
 def test_report_of_an_empty_directory_says_so(tmp_path):
