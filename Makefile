@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint proto clean
+.PHONY: install demo test lint proto image-offline clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ lint: $(STAMP)
 proto: $(STAMP)
 	$(VENV)/bin/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
 		proto/dmoe/v1/tensor.proto proto/dmoe/v1/expert.proto && rm -f proto/dmoe/v1/tensor_pb2_grpc.py
+
+# The dmoe:latest image without a container registry or a package index in the build (root, Docker, debootstrap):
+# a Debian base image and a wheelhouse of the pinned dependencies, both cached in /var/cache/dmoe (deploy/).
+# With registry access, `docker build -t dmoe .` (on python:3.11-slim) is enough.
+image-offline:
+	deploy/build-image-offline.sh dmoe:latest
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

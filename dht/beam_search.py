@@ -9,30 +9,17 @@ search on parsed coordinates, for a router that keeps its own parsed cache of th
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Generator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from dht.calls import RawRecords
-from dht.records import check_prefix_value, is_withdrawn, parse_subkey
-from dht.uids import UID_DELIMITER, make_uid, split_uid
+from dht.grid import parse_grid_prefix
+from dht.uids import UID_DELIMITER, make_uid
 
 BeamSearch = Generator[list[str], Mapping[str, RawRecords], list[list[str]]]
 GridSearch = Generator[list[str], Mapping[str, Sequence[int] | np.ndarray], tuple[torch.Tensor, torch.Tensor]]
-
-
-def active_coordinates(records: RawRecords, num_dims: int, grid_size: int) -> list[int]:
-    """Sorted next coordinates in ``[0, grid_size)`` that the prefix records list for `num_dims`-d uids."""
-    coords = set()
-    for subkey, (value, _expiration) in records.items():
-        parsed = parse_subkey(subkey)
-        if parsed is None or parsed.coord is None or not 0 <= parsed.coord < grid_size or is_withdrawn(value):
-            continue
-        if check_prefix_value(value, parsed.coord) is None and len(split_uid(value["uid"])[1]) == num_dims:
-            coords.add(parsed.coord)
-    return sorted(coords)
 
 
 def beam_search(name: str, grid_scores: Sequence[np.ndarray], k: int, beam_size: int) -> BeamSearch:
@@ -52,7 +39,7 @@ def beam_search(name: str, grid_scores: Sequence[np.ndarray], k: int, beam_size:
         while True:
             found = yield prefixes
             prefixes = search.send(
-                {prefix: active_coordinates(found.get(prefix, {}), num_dims, sys.maxsize) for prefix in prefixes}
+                {prefix: parse_grid_prefix(prefix, found.get(prefix, {}), num_dims).coords for prefix in prefixes}
             )
     except StopIteration as stop:
         coords, scores = stop.value

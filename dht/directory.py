@@ -23,10 +23,11 @@ from dht.node import DHTNode, DHTUnavailableError
 from dht.records import (
     MAX_EXPIRATION_SECONDS,
     ExpertReplica,
-    check_prefix_value,
+    expert_subkey,
     grid_prefixes,
     make_expert_value,
     make_prefix_value,
+    make_row_value,
     owner_marker,
     parse_subkey,
     prefix_subkey,
@@ -145,17 +146,28 @@ class ExpertDirectory:
         peer_id = self.node.peer_id
         records: dict[tuple[str, str], dict] = {}
         needs: dict[str, list[tuple[str, str]]] = {}
+        rows: dict[str, list[str]] = {}  # last-level prefix -> this call's uids in that row
         for uid in dict.fromkeys(uids):
             if not is_valid_uid(uid):
                 raise ValueError(f"invalid expert uid {uid!r}: expected e.g. 'ffn.3' or 'ffn.3.17'")
-            value = make_expert_value(endpoint, peer_id, expert_cls, load.get(uid))
-            needs[uid] = []
             prefixes = grid_prefixes(uid)
-            for level, (prefix, coord) in enumerate(prefixes):
+            needs[uid] = []
+            for prefix, coord in prefixes[:-1]:
                 prefix_record = (prefix, prefix_subkey(coord, peer_id, self._marker))
-                prefix_value = make_prefix_value(uid, value if level == len(prefixes) - 1 else None)
+                prefix_value = make_prefix_value(uid)
                 records.setdefault(prefix_record, withdrawn(prefix_value) if withdraw else prefix_value)
                 needs[uid].append(prefix_record)
+            row = prefixes[-1][0]
+            rows.setdefault(row, []).append(uid)
+            needs[uid].append((row, expert_subkey(peer_id, self._marker)))
+        for row, row_uids in rows.items():
+            row_load = [load.get(uid) or {} for uid in row_uids]
+            total = {
+                "queue_size": sum(_figure(figures.get("queue_size")) for figures in row_load),
+                "tokens_per_second": sum(_figure(figures.get("tokens_per_second")) for figures in row_load),
+            }
+            value = make_row_value(row_uids, make_expert_value(endpoint, peer_id, expert_cls, total))
+            records[row, expert_subkey(peer_id, self._marker)] = withdrawn(value) if withdraw else value
         if not records:
             return None
         keys, subkeys = zip(*records, strict=True)
@@ -299,6 +311,11 @@ class _Declaration:
     needs: dict[str, list[tuple[str, str]]]  # uid -> the records it needs
 
 
+def _figure(value: object) -> float:
+    """A load figure as a number (anything else counts as 0; `make_expert_value` clamps the sum)."""
+    return float(value) if isinstance(value, int | float) and value == value else 0.0
+
+
 def _remaining(deadline: float) -> float:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
@@ -361,9 +378,9 @@ def _list_operation(name: str) -> Operation:
 
 
 def _uid_dims(records: RawRecords) -> int | None:
-    """How many coordinates the uids named by these prefix records have (one grid has one number), if any."""
+    """How many coordinates the uids named by these prefix or row records have (one grid has one number), if any."""
     for subkey, (value, _expiration) in records.items():
         parsed = parse_subkey(subkey)
-        if parsed is not None and parsed.coord is not None and check_prefix_value(value, parsed.coord) is None:
+        if parsed is not None and isinstance(value, dict) and is_valid_uid(value.get("uid")):
             return len(split_uid(value["uid"])[1])
     return None

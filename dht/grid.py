@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dht.calls import RawRecords
-from dht.records import ExpertReplica, check_expert_value, check_prefix_value, is_withdrawn, parse_subkey
+from dht.records import (
+    ExpertReplica,
+    check_expert_value,
+    check_prefix_value,
+    check_row_value,
+    is_withdrawn,
+    parse_subkey,
+)
 from dht.uids import UID_DELIMITER, split_uid
 
 
@@ -17,8 +24,7 @@ class GridPrefix:
 
     `coords` are sorted and distinct; `hosts[c]` holds the peer ids whose records lead through coordinate `c`.
     When the prefix is one coordinate short of a uid (`is_last`), `replicas[c]` are the replicas of uid
-    ``prefix + c``, read from the prefix records themselves (one per peer id, sorted by peer id; a record
-    without the expert fields leads nowhere and is left out).
+    ``prefix + c``, read from the peers' row records under it (one per peer id, sorted by peer id).
     """
 
     prefix: str
@@ -46,28 +52,34 @@ def parse_grid_prefix(prefix: str, records: RawRecords, num_dims: int) -> GridPr
     replicas: dict[int, dict[str, ExpertReplica]] = {}
     for subkey, (value, expiration_time) in records.items():
         parsed = parse_subkey(subkey)
-        if parsed is None or parsed.coord is None or is_withdrawn(value):
+        if parsed is None or is_withdrawn(value):
             continue
-        if check_prefix_value(value, parsed.coord) is not None or len(split_uid(value["uid"])[1]) != num_dims:
-            continue
-        coord = parsed.coord
-        if last:
-            uid = f"{prefix}{coord}"
-            if value["uid"] != uid or check_expert_value(value, parsed.peer_id) is not None:
+        if parsed.coord is None:  # a row record: one peer's experts of this row
+            if not last or check_expert_value(value, parsed.peer_id) or check_row_value(value):
                 continue
-            replica = ExpertReplica(
-                uid=uid,
-                endpoint=value["endpoint"],
-                peer_id=value["peer_id"],
-                expiration_time=float(expiration_time),
-                expert_cls=value["expert_cls"],
-                queue_size=value["load"]["queue_size"],
-                tokens_per_second=value["load"]["tokens_per_second"],
-            )
-            known = replicas.setdefault(coord, {}).get(replica.peer_id)
-            if known is None or known.expiration_time < replica.expiration_time:
-                replicas[coord][replica.peer_id] = replica
-        hosts.setdefault(coord, set()).add(parsed.peer_id)
+            if value["uid"].rsplit(UID_DELIMITER, 1)[0] + UID_DELIMITER != prefix:
+                continue
+            if len(split_uid(value["uid"])[1]) != num_dims:
+                continue
+            for coord in value["coords"]:
+                replica = ExpertReplica(
+                    uid=f"{prefix}{coord}",
+                    endpoint=value["endpoint"],
+                    peer_id=value["peer_id"],
+                    expiration_time=float(expiration_time),
+                    expert_cls=value["expert_cls"],
+                    queue_size=value["load"]["queue_size"],
+                    tokens_per_second=value["load"]["tokens_per_second"],
+                )
+                known = replicas.setdefault(coord, {}).get(replica.peer_id)
+                if known is None or known.expiration_time < replica.expiration_time:
+                    replicas[coord][replica.peer_id] = replica
+                hosts.setdefault(coord, set()).add(parsed.peer_id)
+            continue
+        if last or check_prefix_value(value, parsed.coord) is not None:
+            continue
+        if len(split_uid(value["uid"])[1]) == num_dims:
+            hosts.setdefault(parsed.coord, set()).add(parsed.peer_id)
     return GridPrefix(
         prefix,
         num_dims,

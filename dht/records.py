@@ -2,24 +2,25 @@
 
 Every dmoe record is one sub-key of a DHT dictionary key, and every sub-key carries the RSA owner marker
 ``[owner:<ssh-rsa public key>]`` of the peer that wrote it, so only that peer can change it (see
-`dht.validation`). Declaring ``ffn.3.17`` from peer ``P`` stores::
+`dht.validation`). Declaring ``ffn.3.0`` … ``ffn.3.63`` from peer ``P`` stores::
 
-    key "ffn."      subkey "3:P[owner:…]"   value {"uid": "ffn.3.17"}               (prefix record)
-    key "ffn.3."    subkey "17:P[owner:…]"  value {"uid": "ffn.3.17",               (expert record: the
-                                                   "endpoint": "10.0.0.5:31337",    last-level prefix
-                                                   "peer_id": "P", "expert_cls": "ffn",  record)
+    key "ffn."      subkey "3:P[owner:…]"   value {"uid": "ffn.3.0"}                 (prefix record)
+    key "ffn.3."    subkey "P[owner:…]"     value {"uid": "ffn.3.0",                 (row record: P's
+                                                   "coords": [0, 1, …, 63],          experts in row 3)
+                                                   "endpoint": "10.0.0.5:31337", "peer_id": "P",
+                                                   "expert_cls": "ffn",
                                                    "load": {"queue_size": 0, "tokens_per_second": 812.5}}
 
-* Prefix records: the key of every proper grid prefix (``"ffn."``, ``"ffn.3."``) lists the next coordinates
-  that lead to live experts, one sub-key per (coordinate, owner). Beam search reads one prefix key per beam
-  entry and grid level instead of probing every uid. Their value names one uid below that coordinate.
-* Expert records: at the last level (the key one coordinate short of the uid) the value also carries the
-  expert's endpoint, peer id, class and load, so a beam search finds the replicas of the uids it picks in the
-  same round trip, and a peer hosting a whole row of 64 experts writes one key for them, not 64. The expert
-  value shape (`make_expert_value`) also passes as a record of its own under a uid key (``"P[owner:…]"``),
-  which this version no longer writes.
-* Replicas: several peers hosting one uid write different sub-keys (``17:P``, ``17:Q``) of the same key; each
-  sub-key has its own expiration, so each replica lives and dies on its own.
+* Prefix records: the key of every proper grid prefix but the last (``"ffn."`` for 2-d uids) lists the next
+  coordinates that lead to live experts, one sub-key per (coordinate, owner). Their value names one uid below.
+* Row records: the last-level prefix key (one coordinate short of the uids, ``"ffn.3."``) holds one record per
+  peer: the coordinates of every expert of that row the peer hosts, with its endpoint and load (the peer's, for
+  the whole row). A beam search reads the replicas of the uids it picks from the same keys that list them, and a
+  peer hosting a row of 64 experts writes one record for them, not 64: what a reader verifies, parses and
+  re-reads grows with rows and peers, not with experts. A declaration replaces the peer's whole record of each
+  row it names, so a peer declares all of a row's experts together (the announcer declares everything at once).
+* Replicas: several peers hosting one uid write their own row records (sub-keys ``P[owner:…]``,
+  ``Q[owner:…]``) of the same key; each has its own expiration, so each replica lives and dies on its own.
 * All uids under one grid name must have the same number of coordinates (``ffn.3`` and ``ffn.3.17`` cannot
   coexist).
 * Withdrawal: a DHT node keeps, per sub-key, the value with the latest expiration, so a record cannot be
@@ -38,7 +39,8 @@ from dataclasses import dataclass
 
 from dht.uids import UID_DELIMITER, is_valid_uid, split_uid
 
-MAX_VALUE_BYTES = 2048  # a serialized record value, before its signature
+MAX_VALUE_BYTES = 16384  # a serialized record value, before its signature (a row of a few thousand experts)
+MAX_ROW_COORDS = 4096  # coordinates one row record may list
 MAX_SUBKEY_CHARS = 1024
 MAX_EXPIRATION_SECONDS = 24 * 3600.0  # honest nodes refuse records that claim to live longer than this
 MAX_ENDPOINT_CHARS = 261
@@ -154,10 +156,16 @@ def _clamp(figure: object, upper: float) -> float:
     return min(figure, upper) if figure > 0 else 0.0  # NaN > 0 is False
 
 
-def make_prefix_value(uid: str, expert_value: Mapping[str, object] | None = None) -> dict:
-    """Build the value of a prefix record: an example uid below that prefix and, for the last-level prefix of
-    `uid`, the fields of its expert record (`expert_value`, from `make_expert_value`)."""
-    return {"uid": uid, **(expert_value or {})}
+def make_prefix_value(uid: str) -> dict:
+    """Build the value of a prefix record (an example uid below that prefix)."""
+    return {"uid": uid}
+
+
+def make_row_value(uids: list[str], expert_value: Mapping[str, object]) -> dict:
+    """Build the value of a row record: one peer's experts `uids` of one row (their last coordinates), with the
+    fields of `expert_value` (from `make_expert_value`)."""
+    coords = sorted({split_uid(uid)[1][-1] for uid in uids})
+    return {"uid": uids[0], "coords": coords, **expert_value}
 
 
 def withdrawn(value: dict) -> dict:
@@ -240,8 +248,20 @@ def check_record(subkey: object, value: object) -> str | None:
     if parsed is None:
         return f"sub-key {subkey!r:.80} is not '<peer_id>[owner:…]' or '<coord>:<peer_id>[owner:…]'"
     if parsed.coord is None:
-        return check_expert_value(value, parsed.peer_id)
-    error = check_prefix_value(value, parsed.coord)
-    if error is None and any(field in value for field in EXPERT_FIELDS):  # a last-level prefix record
         error = check_expert_value(value, parsed.peer_id)
-    return error
+        if error is None and "coords" in value:
+            error = check_row_value(value)
+        return error
+    return check_prefix_value(value, parsed.coord)
+
+
+def check_row_value(value: dict) -> str | None:
+    """None if the row fields of an expert value (`coords`, and the example `uid` among them) are well-formed."""
+    coords, uid = value.get("coords"), value.get("uid")
+    if not isinstance(coords, list) or not 0 < len(coords) <= MAX_ROW_COORDS:
+        return f"row record coords must be a list of 1 to {MAX_ROW_COORDS} coordinates"
+    if any(type(c) is not int or c < 0 for c in coords) or len(set(coords)) != len(coords):
+        return "row record coords must be distinct non-negative ints"
+    if not is_valid_uid(uid) or split_uid(uid)[1][-1] not in coords:
+        return f"row record names {uid!r:.80}, which is not one of its coordinates"
+    return None

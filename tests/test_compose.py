@@ -67,7 +67,21 @@ def read_dockerfile() -> Image:
         if not line.endswith("\\"):
             lines.append(current)
             current = ""
-    bases = [line.split()[1] for line in lines if line.upper().startswith("FROM ")]
+    # base images as built by default: the global ARGs' defaults in FROM lines, earlier stages left out
+    defaults = {}
+    for line in lines[: next(i for i, line in enumerate(lines) if line.upper().startswith("FROM "))]:
+        if line.upper().startswith("ARG ") and "=" in line:
+            name, _, value = line[4:].strip().partition("=")
+            defaults[name] = value
+    bases, stages = [], set()
+    for line in lines:
+        words = line.split()
+        if words[0].upper() == "FROM":
+            base = re.sub(r"\$\{(\w+)\}", lambda match: defaults[match.group(1)], words[1])
+            if base not in stages:
+                bases.append(base)
+            if len(words) == 4 and words[2].upper() == "AS":
+                stages.add(words[3])
     final = lines[max(i for i, line in enumerate(lines) if line.upper().startswith("FROM ")) :]
     image = Image([], [], {}, "/", "root", bases, text)
     for line in final:
@@ -313,15 +327,28 @@ def test_peers_keep_checkpoints_in_a_named_volume_one_directory_each():
 
 def test_the_image_is_slim_cpu_only_unprivileged_with_dmoe_as_entry_point():
     image = read_dockerfile()
-    assert all(re.fullmatch(r"python:[\w.${}]+-slim", base.split(" ")[0]) for base in image.bases), image.bases
+    assert all(re.fullmatch(r"python:[\w.]+-slim", base) for base in image.bases), image.bases
     assert "download.pytorch.org/whl/cpu" in image.text
     assert image.user not in ("root", "0", "")
     assert image.entrypoint == ["dmoe"]
     assert image.workdir == APP_DIR
     assert image.env.get("DMOE_HOST") == "0.0.0.0"
-    assert re.search(r"COPY .*deploy \./deploy", image.text)
+    assert re.search(r"COPY .*deploy/dht-identity\.key \./deploy/", image.text)
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+
+
+def test_the_image_also_builds_from_a_wheelhouse_on_another_base():
+    image = read_dockerfile()
+    assert re.search(r"^ARG BASE=python:[\w.]+-slim$", image.text, re.M), "BASE defaults to the official image"
+    assert all(line.split()[1] in ("${BASE}", "deps") for line in image.text.splitlines() if line.startswith("FROM"))
+    assert re.search(r"^ARG OFFLINE=0$", image.text, re.M) and "PIP_NO_INDEX=${OFFLINE}" in image.text
+    assert "COPY deploy/ /deploy/" in image.text and "PIP_FIND_LINKS=/deploy/wheelhouse" in image.text
+    assert "deploy/wheelhouse/" in (REPO / ".gitignore").read_text().split(), "the wheels never get committed"
+    for script in ("base-image.sh", "wheelhouse.sh", "build-image-offline.sh"):
+        path = REPO / "deploy" / script
+        assert os.access(path, os.X_OK), f"{path} is executable"
+        assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0, f"{script} parses"
 
 
 def test_slots_give_concurrent_replicas_distinct_directories_and_free_them_on_exit(tmp_path):

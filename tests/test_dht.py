@@ -36,7 +36,7 @@ from dht import (
     parse_expert_pattern,
     split_uid,
 )
-from dht.records import expert_subkey, make_expert_value, make_prefix_value, owner_marker, prefix_subkey
+from dht.records import expert_subkey, make_expert_value, make_row_value, owner_marker, prefix_subkey
 
 # ---------------------------------------------------------------- fixtures
 
@@ -433,8 +433,8 @@ def test_rogue_node_can_neither_overwrite_nor_erase_a_signed_record(swarm: Swarm
     owner = swarm.directories[0]
     assert owner.declare(["guarded.0"], "127.0.0.1:9600") == {"guarded.0": True}
     [original] = swarm.directories[1].get(["guarded.0"], use_cache=False)["guarded.0"]
-    victim_subkey = prefix_subkey(0, swarm.nodes[0].peer_id, owner_marker(swarm.keys[0].get_public_key().to_bytes()))
-    forged_value = make_prefix_value("guarded.0", make_expert_value("6.6.6.6:666", swarm.nodes[0].peer_id))
+    victim_subkey = expert_subkey(swarm.nodes[0].peer_id, owner_marker(swarm.keys[0].get_public_key().to_bytes()))
+    forged_value = make_row_value(["guarded.0"], make_expert_value("6.6.6.6:666", swarm.nodes[0].peer_id))
     forged = msgpack.packb(forged_value, use_bin_type=True)
     later = get_dht_time() + 600
     other_key = RSAPrivateKey()
@@ -457,15 +457,17 @@ def test_honest_nodes_reject_malformed_values(swarm: Swarm):
     rogue_key = RSAPrivateKey()
     with dht_node(initial_peers=swarm.initial_peers, record_validators=[RSASignatureValidator(rogue_key)]) as rogue:
         marker = owner_marker(rogue_key.get_public_key().to_bytes())
-        subkey = prefix_subkey(0, rogue.peer_id, marker)
+        subkey = expert_subkey(rogue.peer_id, marker)
         expiration = get_dht_time() + 60
-        good = make_prefix_value("malformed.0", make_expert_value("127.0.0.1:9700", rogue.peer_id))
+        good = make_row_value(["malformed.0"], make_expert_value("127.0.0.1:9700", rogue.peer_id))
         store = partial(_rogue_store, key="malformed.", subkey=subkey, expiration_time=expiration, sign=True)
         bad_values = {
             "missing field": {k: v for k, v in good.items() if k != "endpoint"},
             "wrong type": {**good, "load": {"queue_size": "many", "tokens_per_second": 1.0}},
             "endpoint not host:port": {**good, "endpoint": "somewhere"},
             "absurd size": {**good, "expert_cls": "x" * 5000},
+            "row coords not ints": {**good, "coords": ["0"]},
+            "row uid not among its coords": {**good, "coords": [1]},
         }
         for case, value in bad_values.items():
             verdicts = rogue.run(partial(store, value=msgpack.packb(value, use_bin_type=True)))
