@@ -72,6 +72,7 @@ class GridIndex:
         self.lookups = {"waited": 0, "refreshed": 0, "failed": 0}  # fetches a forward waited for / ran behind it
         self._entries: dict[str, _Entry] = {}
         self._replicas: dict[int, list[ExpertReplica]] = {}  # row -> replicas, for every cached last-level uid
+        self._uids: dict[int, str] = {}  # row -> uid, for the same rows
         self._rows_at: dict[str, set[int]] = {}  # endpoint -> rows it serves
         self._peer_at: dict[str, str] = {}  # endpoint -> peer id
         self._refreshing: set[str] = set()
@@ -107,6 +108,9 @@ class GridIndex:
 
     def uid(self, row: int) -> str:
         """The uid of the expert at `row`."""
+        known = self._uids.get(row)
+        if known is not None:
+            return known
         coords = [(row // stride) % size for stride, size in zip(self.strides, self.grid_size, strict=True)]
         return UID_DELIMITER.join([self.name, *map(str, coords)])
 
@@ -276,6 +280,7 @@ class GridIndex:
             before = {row: self._replicas.get(row, []) for row in old.rows.tolist()} if old is not None else {}
             for row, row_replicas in replicas.items():
                 self._replicas[row] = row_replicas
+                self._uids[row] = row_replicas[0].uid
                 for replica in row_replicas:
                     self._rows_at.setdefault(replica.endpoint, set()).add(row)
                     self._peer_at[replica.endpoint] = replica.peer_id
