@@ -177,23 +177,31 @@ def _log_fit(points: list[tuple[int, float]]) -> dict:
 
 
 def _record_bytes() -> dict:
-    """What one expert's records weigh on the wire and in a DHT node's storage (value, sub-key, signature)."""
+    """What records weigh on the wire and in a DHT node's storage (value, sub-key, signature): a row record of 64
+    experts of one peer, and an inner prefix record."""
     from hivemind.utils.crypto import RSAPrivateKey
 
-    from dht.records import make_expert_value, make_prefix_value, owner_marker, prefix_subkey
+    from dht.records import (
+        expert_subkey,
+        make_expert_value,
+        make_prefix_value,
+        make_row_value,
+        owner_marker,
+        prefix_subkey,
+    )
 
     key = RSAPrivateKey()
     marker = owner_marker(key.get_public_key().to_bytes())
     peer = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
     signature = len(b"[signature:]") + len(key.sign(b"x"))
-    last = msgpack.packb(make_prefix_value("ffn.3.17", make_expert_value("203.0.113.5:31337", peer, "ffn")))
-    inner = msgpack.packb(make_prefix_value("ffn.3.17"))
-    subkey = len(msgpack.packb(prefix_subkey(17, peer, marker)))
+    row = make_row_value([f"ffn.3.{j}" for j in range(64)], make_expert_value("203.0.113.5:31337", peer, "ffn"))
+    row_bytes = len(msgpack.packb(row)) + len(msgpack.packb(expert_subkey(peer, marker))) + signature
+    inner = len(msgpack.packb(make_prefix_value("ffn.3.0"))) + len(msgpack.packb(prefix_subkey(3, peer, marker)))
     return {
-        "expert_record": len(last) + subkey + signature,
-        "inner_prefix_record": len(inner) + subkey + signature,
+        "row_record_64_experts": row_bytes,
+        "per_expert_in_a_row_of_64": round(row_bytes / 64, 1),
+        "inner_prefix_record": inner + signature,
         "signature": signature,
-        "subkey": subkey,
     }
 
 
@@ -246,9 +254,10 @@ def extra(result: dict) -> str:
         f"{result['config']['tokens']} tokens per batch, k {result['config']['k']}, beam size "
         f"{result['config']['beam_size']}. A one-key lookup fits {fit['a']} + {fit['b']} x log2(nodes) ms; "
         f"projected: {projected['1000']} ms at 1,000 nodes and {projected['10000']} ms at 10,000 (Kademlia: hops "
-        f"grow as log2 N). A 2-d grid costs 2 round trips cold and none warm. Records: an expert's record "
-        f"(the last-level prefix record) is {sizes['expert_record']} bytes with its sub-key and signature "
-        f"({sizes['signature']} of them signature), an inner prefix record {sizes['inner_prefix_record']}."
+        f"grow as log2 N). A 2-d grid costs 2 round trips cold and none warm. Records: a peer's row record of 64 "
+        f"experts is {sizes['row_record_64_experts']} bytes with its sub-key and signature ({sizes['signature']} of "
+        f"them signature), {sizes['per_expert_in_a_row_of_64']} bytes per expert; an inner prefix record "
+        f"{sizes['inner_prefix_record']}."
     )
 
 
