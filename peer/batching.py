@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from peer.compute import INLINE_MAX_SECONDS, ComputeRunner
+from peer.compute import ComputeRunner
 from peer.metrics import waiting_for_compute
 
 logger = logging.getLogger(__name__)
@@ -64,9 +64,12 @@ class LoadStats:
 
 class BatchingQueue:
     """Merges concurrent requests for one expert and one kind of pass into batches of at most
-    `max_batch_size` tokens, and computes each batch with the peer's `ComputeRunner`: on the event loop
-    when the last batch of this queue took under `INLINE_MAX_SECONDS` and this one is no larger, else on the
-    compute thread.
+    `max_batch_size` tokens, and computes each batch with the peer's `ComputeRunner`, in one pass with the
+    batches of other queues that are ready in the same event-loop tick (such as the experts of one
+    ForwardMany); the time of this queue's last batch, when this one is no larger, is its expected duration.
+    One batch of a queue is computed at a time: requests that arrive meanwhile wait, and form the next batch as
+    soon as it is done. There is no task per queue: the request that finds the queue idle, or the end of the
+    previous batch, has the next one formed (on the event loop, once the tick's other requests are queued).
 
     Requests are tensors whose first dimension is the token dimension; a batch is their concatenation,
     and each request receives its own slice of the outputs. Requests whose deadline (in `time.monotonic()`
@@ -90,42 +93,55 @@ class BatchingQueue:
         self.on_batch: Callable[[int, float], None] | None = None
         """Called with the tokens and compute seconds of each computed batch (`peer.metrics`)."""
         self._pending: collections.deque[_Task] = collections.deque()
-        self._wakeup = asyncio.Event()
-        self._worker: asyncio.Task | None = None
+        self._in_flight: list[_Task] | None = None  # the batch being computed
+        self._started = False
 
     def __len__(self) -> int:
         return len(self._pending)
 
     def start(self) -> None:
-        """Start the worker task on the running event loop."""
-        if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batching-{self.name}")
+        """Start computing requests (they may be queued before)."""
+        self._started = True
+        if self._pending and self._in_flight is None:
+            self._schedule()
 
     async def stop(self) -> None:
-        """Stop the worker; requests still waiting fail with `asyncio.CancelledError`."""
-        if self._worker is not None:
-            self._worker.cancel()
-            try:
-                await self._worker
-            except asyncio.CancelledError:
-                pass
-            self._worker = None
-        while self._pending:
-            task = self._pending.popleft()
+        """Stop computing; requests still waiting, and those of a batch being computed, fail with
+        `asyncio.CancelledError`."""
+        self._started = False
+        for task in [*(self._in_flight or ()), *self._pending]:
             if not task.future.done():
                 task.future.cancel()
+        self._pending.clear()
 
     async def submit(
         self, tensors: Sequence[torch.Tensor], deadline: float | None = None, *, forward_id: int = 0
     ) -> list[torch.Tensor]:
         """Queue one request and wait for its outputs; `forward_id` reaches `compute_fn` if it is computed alone."""
+        future = self.enqueue(tensors, deadline, forward_id=forward_id)
+        with waiting_for_compute():
+            return await future
+
+    def enqueue(
+        self, tensors: Sequence[torch.Tensor], deadline: float | None = None, *, forward_id: int = 0
+    ) -> asyncio.Future:
+        """Queue one request without waiting: the future of its outputs (cancel it to withdraw the request).
+
+        Raises `QueueFullError` at once when the queue is full; the future fails with `DeadlineExpiredError`
+        or with what the expert raised.
+        """
         if len(self._pending) >= self.max_queue_size:
             raise QueueFullError(f"expert {self.name} has {len(self._pending)} requests waiting (the limit)")
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_Task(list(tensors), int(tensors[0].shape[0]), deadline, future, forward_id))
-        self._wakeup.set()
-        with waiting_for_compute():
-            return await future
+        if self._started and self._in_flight is None:
+            self._schedule()
+        return future
+
+    def _schedule(self) -> None:
+        """Form the next batch once the loop has run what is ready now: requests queued in the same tick merge."""
+        self._in_flight = []
+        asyncio.get_running_loop().call_soon(self._submit_next)
 
     def _next_batch(self) -> list[_Task]:
         batch: list[_Task] = []
@@ -148,41 +164,43 @@ class BatchingQueue:
             num_tokens += task.num_tokens
         return batch
 
-    async def _run(self) -> None:
-        while True:
-            if not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            batch = self._next_batch()
-            if not batch:
-                continue
-            inputs = _concat([task.tensors for task in batch])
-            forward_id = batch[0].forward_id if len(batch) == 1 else 0
-            num_tokens = sum(task.num_tokens for task in batch)
-            last = self._last_batch
-            inline = last is not None and last[1] <= INLINE_MAX_SECONDS and num_tokens <= last[0]
-            started = time.perf_counter()
-            try:
-                outputs = await self.runner.run(self.compute_fn, inputs, forward_id, inline=inline)
-            except asyncio.CancelledError:
-                for task in batch:
-                    task.future.cancel()
-                raise
-            except Exception as exc:  # the expert failed: each request of this batch gets the error
-                logger.exception("expert %s failed on a batch of %d requests", self.name, len(batch))
-                for task in batch:
-                    if not task.future.done():
-                        task.future.set_exception(exc)
-                continue
-            self._last_batch = (num_tokens, time.perf_counter() - started)
+    def _submit_next(self) -> None:
+        """Form the next batch from the waiting requests and hand it to the runner's next pass."""
+        batch = self._next_batch() if self._started else []
+        self._in_flight = batch or None
+        if not batch:
+            return
+        inputs = _concat([task.tensors for task in batch])
+        forward_id = batch[0].forward_id if len(batch) == 1 else 0
+        num_tokens = sum(task.num_tokens for task in batch)
+        last = self._last_batch
+        expected = last[1] if last is not None and num_tokens <= last[0] else None
+
+        def done(ok: bool, value, seconds: float) -> None:
+            self._finish(batch, num_tokens, ok, value, seconds)
+
+        self.runner.submit(self.compute_fn, (inputs, forward_id), on_done=done, expected=expected)
+
+    def _finish(self, batch: list[_Task], num_tokens: int, ok: bool, value, seconds: float) -> None:
+        """On the loop, when the batch's pass ended: give each request its slice (or the error), start the next."""
+        self._in_flight = None
+        if ok:
+            self._last_batch = (num_tokens, seconds)
             self.stats.record_batch(num_tokens)
             if self.on_batch is not None:
-                self.on_batch(num_tokens, self._last_batch[1])
+                self.on_batch(num_tokens, seconds)
             offset = 0
             for task in batch:
                 if not task.future.done():
-                    task.future.set_result([t[offset : offset + task.num_tokens] for t in outputs])
+                    task.future.set_result([t[offset : offset + task.num_tokens] for t in value])
                 offset += task.num_tokens
+        else:  # the expert failed: each request of this batch gets the error
+            logger.error("expert %s failed on a batch of %d requests", self.name, len(batch), exc_info=value)
+            for task in batch:
+                if not task.future.done():
+                    task.future.set_exception(value)
+        if self._started and self._pending:
+            self._submit_next()
 
 
 def _concat(requests: list[list[torch.Tensor]]) -> list[torch.Tensor]:

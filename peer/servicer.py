@@ -13,6 +13,7 @@ import torch
 
 from peer.backend import ArgSpec, ExpertBackend
 from peer.batching import BatchingQueue, DeadlineExpiredError, QueueFullError
+from peer.metrics import waiting_for_compute
 from peer.replica_state import ExpertState
 from peer.security import ClientLimiter
 from proto import (
@@ -26,7 +27,6 @@ from proto import (
     StreamedRequest,
     TensorDecodeError,
     TensorSpec,
-    WireRequest,
     decode_batch_request,
     decode_info_request,
     decode_request,
@@ -176,19 +176,34 @@ class ExpertServicer:
             await context.abort(exc.code, str(exc))
 
     async def _many(self, request: bytes, context, *, backward: bool) -> bytes:
+        """Every part is checked and queued right away, in order, then all are awaited together: the experts of
+        one batch become ready in one event-loop tick and are computed in one pass (`peer.compute`)."""
         try:
             parts = _decoded(decode_batch_request, request, "dmoe.v1.ExpertRequestBatch")
-            results = await asyncio.gather(*(self._part(part, context, backward=backward) for part in parts))
-            return encode_batch_response(results, compressions=[part.response_compression for part in parts])
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
-
-    async def _part(self, part: WireRequest, context, *, backward: bool) -> list[torch.Tensor] | PartFailure:
-        """One part of a ForwardMany/BackwardMany: its outputs, or the status it failed with (never raises)."""
+        client = self.limiter.client_of(context)
+        deadline = _deadline(context)
+        results: list[list[torch.Tensor] | PartFailure | None] = [None] * len(parts)
+        queued: dict[int, asyncio.Future] = {}
         try:
-            return await self._run(part.uid, part.parts, context, backward=backward, forward_id=part.forward_id)
-        except RequestError as exc:
-            return PartFailure(exc.code, str(exc))
+            for index, part in enumerate(parts):
+                try:
+                    queued[index] = self._enqueue(part.uid, part.parts, client, deadline, backward, part.forward_id)
+                except RequestError as exc:
+                    results[index] = PartFailure(exc.code, str(exc))
+            if queued:
+                with waiting_for_compute():
+                    outcomes = await asyncio.gather(*queued.values(), return_exceptions=True)
+                for (index, _), outcome in zip(queued.items(), outcomes, strict=True):
+                    if isinstance(outcome, BaseException):
+                        failure = _refusal(parts[index].uid, outcome)
+                        outcome = PartFailure(failure.code, str(failure))
+                    results[index] = outcome
+        finally:
+            for _ in queued:
+                self.limiter.release(client)
+        return encode_batch_response(results, compressions=[part.response_compression for part in parts])
 
     def _stream_limit(self, uid: str) -> int:
         expert = self.experts.get(uid)
@@ -201,43 +216,56 @@ class ExpertServicer:
     async def _run(
         self, uid: str, messages: list[Part], context, *, backward: bool, forward_id: int = 0
     ) -> list[torch.Tensor]:
+        client = self.limiter.client_of(context)
+        future = self._enqueue(uid, messages, client, _deadline(context), backward, forward_id)
+        try:
+            with waiting_for_compute():
+                return await future
+        except Exception as exc:
+            raise _refusal(uid, exc) from None
+        finally:
+            self.limiter.release(client)
+
+    def _enqueue(
+        self,
+        uid: str,
+        messages: list[Part],
+        client: tuple[str, str],
+        deadline: float,
+        backward: bool,
+        forward_id: int,
+    ) -> asyncio.Future:
+        """Admit, check and decode one expert request and queue it: the future of its outputs.
+
+        Raises `RequestError` for a refusal; an admitted request holds a slot of `client` in the limiter until
+        the caller releases it (only when this returns).
+        """
         if self.closing:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "peer is shutting down; use another replica")
         self.requests["backward" if backward else "forward"] += 1
-        client = self.limiter.client_of(context)
         refusal = self.limiter.admit(client)
         if refusal is not None:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
         try:
-            return await self._run_admitted(uid, messages, context, backward=backward, forward_id=forward_id)
-        finally:
+            expert = self.experts.get(uid)
+            if expert is None:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, f"this peer does not host expert {uid!r}")
+            backend = expert.backend
+            specs = backend.input_specs + (backend.output_specs if backward else ())
+            tensors = self._decode(uid, messages, specs)
+            if backward and not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+                backend.updates_skipped += 1
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"inputs or gradients for {uid} contain NaN/Inf; update refused"
+                )
+            queue = expert.backward_queue if backward else expert.forward_queue
+            try:
+                return queue.enqueue(tensors, deadline, forward_id=forward_id)
+            except QueueFullError as exc:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        except BaseException:
             self.limiter.release(client)
-
-    async def _run_admitted(
-        self, uid: str, messages: list[Part], context, *, backward: bool, forward_id: int
-    ) -> list[torch.Tensor]:
-        expert = self.experts.get(uid)
-        if expert is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"this peer does not host expert {uid!r}")
-        backend = expert.backend
-        specs = backend.input_specs + (backend.output_specs if backward else ())
-        tensors = self._decode(uid, messages, specs)
-        if backward and not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
-            backend.updates_skipped += 1
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"inputs or gradients for {uid} contain NaN/Inf; update refused"
-            )
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + (DEFAULT_DEADLINE if remaining is None else remaining)
-        queue = expert.backward_queue if backward else expert.forward_queue
-        try:
-            return await queue.submit(tensors, deadline, forward_id=forward_id)
-        except QueueFullError as exc:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-        except DeadlineExpiredError as exc:
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
-        except Exception as exc:
-            raise RequestError(grpc.StatusCode.INTERNAL, f"expert {uid} failed: {exc!r}") from None
+            raise
 
     def _decode(self, uid: str, messages: list[Part], specs: tuple[ArgSpec, ...]) -> list[torch.Tensor]:
         if len(messages) != len(specs):
@@ -327,6 +355,23 @@ class ExpertServicer:
             batches_processed=forward.batches_processed + backward.batches_processed,
             requests_expired=forward.requests_expired + backward.requests_expired,
         )
+
+
+def _deadline(context) -> float:
+    """The call's deadline in `time.monotonic()` seconds (`DEFAULT_DEADLINE` from now when it has none)."""
+    remaining = context.time_remaining()
+    return time.monotonic() + (DEFAULT_DEADLINE if remaining is None else remaining)
+
+
+def _refusal(uid: str, exc: BaseException) -> RequestError:
+    """The status a request gets when its queued work failed with `exc`."""
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, DeadlineExpiredError):
+        return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+    if isinstance(exc, asyncio.CancelledError):
+        return RequestError(grpc.StatusCode.UNAVAILABLE, f"expert {uid} stopped before computing this request")
+    return RequestError(grpc.StatusCode.INTERNAL, f"expert {uid} failed: {exc!r}")
 
 
 def _decoded(decode: Callable, raw: bytes, message: str):

@@ -33,6 +33,7 @@ silent for the rest of the process.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import sys
 from collections.abc import Iterable, Iterator
@@ -165,7 +166,7 @@ def serialize_tensor(
         message.buffer = codes
         message.scales = scales
     else:
-        message.buffer = _raw_bytes(tensor)
+        message.buffer = raw_bytes(tensor)
     return message
 
 
@@ -308,8 +309,11 @@ def check_shape(shape: tuple[int, ...], max_elements: int | None) -> int:
     return numel
 
 
-def _raw_bytes(tensor: torch.Tensor) -> bytes:
+def raw_bytes(tensor: torch.Tensor) -> bytes:
     """The tensor's elements in row-major order as bytes: one copy (also for non-contiguous)."""
+    tensor = tensor.detach()
+    if tensor.device.type == "cpu" and tensor.is_contiguous() and not tensor.is_neg() and tensor.numel():
+        return ctypes.string_at(tensor.data_ptr(), tensor.numel() * tensor.element_size())
     tensor = tensor.cpu().resolve_neg()
     return tensor.view(_NUMPY_VIEW[tensor.dtype]).numpy().tobytes()
 

@@ -156,7 +156,7 @@ def encode_response(tensors: list[torch.Tensor], *, compression: int = COMPRESSI
     return _assemble(b"", 0x0A, tensors, compression, b"")
 
 
-def _lossless(tensor: torch.Tensor, compression: int) -> bool:
+def is_lossless(tensor: torch.Tensor, compression: int) -> bool:
     """Whether `serialize_tensor` would send ``tensor`` as its own bytes under ``compression``."""
     if compression == COMPRESSION_NONE or not tensor.dtype.is_floating_point:
         return True
@@ -168,11 +168,18 @@ def _raw_worthy(tensors: list[torch.Tensor], compression: int) -> bool:
     total = 0
     try:
         for tensor in tensors:
-            if compression == COMPRESSION_NONE or _lossless(tensor, compression):
+            if compression == COMPRESSION_NONE or is_lossless(tensor, compression):
                 total += tensor.numel() * tensor.element_size()
     except (AttributeError, TypeError):  # not a tensor: `serialize_tensor` raises the TypeError
         return False
     return total >= RAW_MIN_BYTES
+
+
+def varint(value: int) -> bytes:
+    """``value`` as a protobuf varint (negative int32/int64 values as protobuf writes them: 10 bytes)."""
+    if 0 <= value < _SMALL_VARINTS_UP_TO:
+        return _SMALL_VARINTS[value]
+    return _varint(value)
 
 
 def _varint(value: int) -> bytes:
@@ -183,6 +190,10 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+_SMALL_VARINTS_UP_TO = 1 << 14
+_SMALL_VARINTS = [_varint(value) for value in range(_SMALL_VARINTS_UP_TO)]  # dims, lengths and tags of small parts
 
 
 def _assemble(head: bytes, tensor_tag: int, tensors: list[torch.Tensor], compression: int, tail: bytes) -> bytes:
@@ -203,7 +214,7 @@ def _assemble(head: bytes, tensor_tag: int, tensors: list[torch.Tensor], compres
     tag = bytes([tensor_tag])
     for tensor in tensors:
         check_sendable(tensor, compression)
-        if not _lossless(tensor, compression):
+        if not is_lossless(tensor, compression):
             inner = serialize_tensor(tensor, compression).SerializeToString()
             put(tag + _varint(len(inner)) + inner, 1 + len(_varint(len(inner))) + len(inner))
             continue

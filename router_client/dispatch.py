@@ -76,6 +76,8 @@ class Dispatcher:
 
     Each job goes to the best replica of its expert; on failure it moves to the next replica while the
     deadline allows, and (with `hedge`) a second replica gets a copy once the first is slower than its p95.
+    Without hedging, the first attempts of all jobs whose best replica is at the same peer travel together
+    (`ExpertTransport.call_many`: one ForwardMany/BackwardMany) and their answers are checked together.
     Every failing replica is banned in `scores`, or marked dead there when it refuses connections. When every
     replica of a job failed before the deadline, `reroute` (if given) may hand its tokens to other experts:
     those jobs start at once, under the same deadline. The call ends at the deadline, or `grace` seconds after
@@ -123,27 +125,70 @@ class Dispatcher:
         preferred = preferred or {}
         jobs = list(jobs)
         results = [JobResult(error="not finished before the deadline", job=job) for job in jobs]
+        inputs: list[list[torch.Tensor] | None] = [None] * len(jobs)
         answered = torch.zeros_like(required)
-        tasks: dict[asyncio.Future, int] = {}
+        uncounted: list[int] = []  # jobs that answered, not yet counted in `answered`
+        tasks: dict[asyncio.Future, list[int]] = {}
 
-        def start(index: int) -> asyncio.Future:
+        def inputs_of(index: int) -> list[torch.Tensor]:
+            if inputs[index] is None:
+                inputs[index] = make_inputs(jobs[index])
+            return inputs[index]
+
+        def forward_id_of(job: ExpertJob) -> int:
+            return forward_id if job.forward_id is None else job.forward_id
+
+        def start(index: int, retry: _Retry | None = None) -> asyncio.Future:
             job = jobs[index]
             task = asyncio.ensure_future(
                 self._serve(
                     job,
-                    make_inputs(job),
+                    inputs_of(index),
                     replicas.get(job.uid, []),
                     backward=backward,
                     deadline=deadline,
                     expected=expected_shapes(job),
                     preferred=job.preferred or preferred.get(job.uid),
-                    forward_id=forward_id if job.forward_id is None else job.forward_id,
+                    forward_id=forward_id_of(job),
+                    retry=retry,
                 )
             )
-            tasks[task] = index
+            tasks[task] = [index]
             return task
 
-        pending = {start(index) for index in range(len(jobs))}
+        def start_grouped(indices: list[int]) -> set[asyncio.Future]:
+            """First attempts of these jobs, one task per peer: each job's best replica, its peer's jobs together."""
+            started, groups = set(), {}
+            for index in indices:
+                job = jobs[index]
+                ordered = self.scores.order(replicas.get(job.uid, []), job.preferred or preferred.get(job.uid))
+                if ordered:
+                    groups.setdefault(ordered[0].endpoint, []).append((index, ordered[0]))
+                else:
+                    started.add(start(index))  # answers at once why nothing can serve it
+            for endpoint, members in groups.items():
+                picked = [index for index, _ in members]
+                task = asyncio.ensure_future(
+                    self._serve_group(
+                        endpoint,
+                        [jobs[i] for i in picked],
+                        [inputs_of(i) for i in picked],
+                        [replica for _, replica in members],
+                        [replicas.get(jobs[i].uid, []) for i in picked],
+                        backward=backward,
+                        deadline=deadline,
+                        expected=[expected_shapes(jobs[i]) for i in picked],
+                        forward_ids=[forward_id_of(jobs[i]) for i in picked],
+                    )
+                )
+                tasks[task] = picked
+                started.add(task)
+            return started
+
+        if self.hedge:
+            pending = {start(index) for index in range(len(jobs))}
+        else:
+            pending = start_grouped(list(range(len(jobs))))
         quorum_at: float | None = None
         try:
             while pending:
@@ -153,24 +198,76 @@ class Dispatcher:
                     break
                 done, pending = await asyncio.wait(pending, timeout=until - now, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    index = tasks[task]
-                    result = results[index] = task.result()
-                    result.job = jobs[index]
-                    if result.ok:
-                        answered[jobs[index].token_index] += 1
-                    elif reroute is not None and time.monotonic() < until:
-                        for job in reroute(jobs[index], result):
-                            jobs.append(job)
-                            results.append(JobResult(error="not finished before the deadline", job=job))
-                            pending.add(start(len(jobs) - 1))
+                    for index, outcome in zip(tasks.pop(task), task.result(), strict=True):
+                        if isinstance(outcome, _Retry):  # failed at its best replica: on to the others
+                            if time.monotonic() < deadline:
+                                pending.add(start(index, outcome))
+                                continue
+                            outcome = JobResult(error="; ".join(outcome.errors))
+                        result = results[index] = outcome
+                        result.job = jobs[index]
+                        if result.ok:
+                            uncounted.append(index)
+                        elif reroute is not None and time.monotonic() < until:
+                            added = reroute(jobs[index], result)
+                            jobs.extend(added)
+                            inputs.extend([None] * len(added))
+                            results.extend(
+                                JobResult(error="not finished before the deadline", job=job) for job in added
+                            )
+                            first = len(jobs) - len(added)
+                            pending |= {start(i) for i in range(first, len(jobs))}
                 # the quorum matters only while something is pending and the grace would end the call early
                 if quorum_at is None and pending and time.monotonic() + grace < deadline:
+                    for index in uncounted:
+                        answered[jobs[index].token_index] += 1
+                    uncounted.clear()
                     if bool((answered >= required).all()):
                         quorum_at = time.monotonic()
         finally:
             for task in pending:
                 task.cancel()
         return results
+
+    async def _serve_group(
+        self,
+        endpoint: str,
+        jobs: list[ExpertJob],
+        inputs: list[list[torch.Tensor]],
+        chosen: list[ExpertReplica],
+        replicas: list[list[ExpertReplica]],
+        *,
+        backward: bool,
+        deadline: float,
+        expected: list[list[tuple[int, ...]]],
+        forward_ids: list[int],
+    ) -> list[JobResult | _Retry]:
+        """The first attempt of several jobs whose best replica (`chosen`) is at `endpoint`, sent together
+        (`ExpertTransport.call_many`) and checked together: per job its result, or `_Retry` when it failed."""
+        started = time.monotonic()
+        requests = [(job.uid, tensors, fid) for job, tensors, fid in zip(jobs, inputs, forward_ids, strict=True)]
+        try:
+            answers = await self.transport.call_many(endpoint, requests, backward=backward, timeout=deadline - started)
+        except asyncio.CancelledError:
+            self._note_silence(chosen[0], started)
+            raise
+        problems = self._check_many(answers, expected, [job.uid for job in jobs], backward=backward)
+        failures = [a if isinstance(a, Exception) else p for a, p in zip(answers, problems, strict=True)]
+        if any(failure is None for failure in failures):  # one round trip, one latency sample; failures then stand
+            self.scores.record_success(endpoint, time.monotonic() - started)
+        outcomes: list[JobResult | _Retry] = []
+        for job, tensors, answer, failure, replica, job_replicas in zip(
+            jobs, inputs, answers, failures, chosen, replicas, strict=True
+        ):
+            if failure is not None:
+                errors: list[str] = []
+                self._record_failure(replica, failure, errors)
+                outcomes.append(_Retry({replica.endpoint}, errors))
+                continue
+            if self.verifier is not None and not backward:
+                self.verifier.maybe_verify(job.uid, tensors, answer, replica, job_replicas)
+            outcomes.append(JobResult(outputs=answer, replica=replica))
+        return outcomes
 
     async def _serve(
         self,
@@ -183,14 +280,28 @@ class Dispatcher:
         expected: list[tuple[int, ...]],
         preferred: str | None,
         forward_id: int = 0,
+        retry: _Retry | None = None,
+    ) -> list[JobResult]:
+        """The job's result, as a list of one (as `_serve_group` answers); `retry`: the replicas tried already."""
+        return [
+            await self._serve_one(job, inputs, replicas, backward, deadline, expected, preferred, forward_id, retry)
+        ]
+
+    async def _serve_one(
+        self, job: ExpertJob, inputs, replicas, backward, deadline, expected, preferred, forward_id, retry
     ) -> JobResult:
         if not replicas:
             return JobResult(error="no live replica in the DHT")
         ordered = self.scores.order(replicas, preferred)
-        if not self.hedge or len(ordered) == 1:
-            return await self._serve_in_turn(job, inputs, ordered, backward, deadline, expected, forward_id, replicas)
-        attempts: dict[asyncio.Task, tuple[ExpertReplica, float]] = {}
         errors: list[str] = []
+        if retry is not None:
+            ordered = [replica for replica in ordered if replica.endpoint not in retry.tried]
+            errors = list(retry.errors)
+        if not self.hedge or len(ordered) <= 1:
+            return await self._serve_in_turn(
+                job, inputs, ordered, backward, deadline, expected, forward_id, replicas, errors
+            )
+        attempts: dict[asyncio.Task, tuple[ExpertReplica, float]] = {}
         next_replica = 0
         hedged = False
 
@@ -245,10 +356,18 @@ class Dispatcher:
         return JobResult(error="; ".join(errors))
 
     async def _serve_in_turn(
-        self, job: ExpertJob, inputs, ordered: list[ExpertReplica], backward, deadline, expected, forward_id, replicas
+        self,
+        job: ExpertJob,
+        inputs,
+        ordered: list[ExpertReplica],
+        backward,
+        deadline,
+        expected,
+        forward_id,
+        replicas,
+        errors: list[str],
     ) -> JobResult:
         """Without hedging: one replica after the other, each call awaited right here (no task per attempt)."""
-        errors: list[str] = []
         for replica in ordered:
             timeout = deadline - time.monotonic()
             if timeout <= 0:
@@ -258,7 +377,6 @@ class Dispatcher:
                 outputs = await self.transport.call(
                     replica.endpoint, job.uid, inputs, backward=backward, timeout=timeout, forward_id=forward_id
                 )
-                self._check(outputs, expected, replica, job.uid, backward=backward)
             except asyncio.CancelledError:
                 self._note_silence(replica, started)
                 raise
@@ -303,25 +421,89 @@ class Dispatcher:
     def _check(
         self, outputs: list[torch.Tensor], expected: list[tuple[int, ...]], replica, uid: str, *, backward: bool
     ) -> None:
+        (problem,) = self._check_many([outputs], [expected], [uid], backward=backward)
+        if problem is not None:
+            raise problem
+
+    def _check_many(
+        self, answers: list, expected: list[list[tuple[int, ...]]], uids: list[str], *, backward: bool
+    ) -> list[AnomalousAnswerError | None]:
+        """Per answer (a failed call's error is passed over) what is wrong with it: shapes other than `expected`,
+        NaN/Inf, or (for a Forward) a mean token norm far above the expert's running mean. The norms of all the
+        answers are computed together."""
+        problems: list[AnomalousAnswerError | None] = [None] * len(answers)
         if not self.check_outputs:
-            return
-        shapes = [tuple(t.shape) for t in outputs]
-        if expected and shapes != [tuple(s) for s in expected]:
-            raise AnomalousAnswerError(f"answer of {uid} has shapes {shapes}, expected {expected}")
-        first = outputs[0] if outputs else None
-        screened = not backward and first is not None and first.is_floating_point() and first.dim() > 1
-        for tensor in outputs[1:] if screened else outputs:
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise AnomalousAnswerError(f"answer of {uid} contains NaN or Inf")
-        if not screened or first.numel() == 0:
-            return
-        norm = float(first.float().flatten(1).norm(dim=1).mean())  # NaN/Inf anywhere makes it non-finite
-        if not math.isfinite(norm):
-            raise AnomalousAnswerError(f"answer of {uid} contains NaN or Inf")
+            return problems
+        screened: list[int] = []  # answers whose first output is screened through its norm
+        for index, outputs in enumerate(answers):
+            if isinstance(outputs, Exception):
+                continue
+            uid = uids[index]
+            shapes = [tuple(t.shape) for t in outputs]
+            if expected[index] and shapes != [tuple(s) for s in expected[index]]:
+                problems[index] = AnomalousAnswerError(
+                    f"answer of {uid} has shapes {shapes}, expected {expected[index]}"
+                )
+                continue
+            first = outputs[0] if outputs else None
+            screened_here = not backward and first is not None and first.is_floating_point() and first.dim() > 1
+            for tensor in outputs[1:] if screened_here else outputs:
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    problems[index] = AnomalousAnswerError(f"answer of {uid} contains NaN or Inf")
+                    break
+            if screened_here and problems[index] is None and first.numel():
+                screened.append(index)
+        norms = _mean_token_norms([answers[index][0] for index in screened])
+        for index, norm in zip(screened, norms, strict=True):
+            problems[index] = self._judge_norm(uids[index], norm)
+        return problems
+
+    def _judge_norm(self, uid: str, norm: float) -> AnomalousAnswerError | None:
+        """Whether an answer's mean token norm is anomalous; a normal one updates the expert's running mean."""
+        if not math.isfinite(norm):  # NaN/Inf anywhere in the answer makes its norm non-finite
+            return AnomalousAnswerError(f"answer of {uid} contains NaN or Inf")
         seen, mean = self._mean_norms.get(uid, (0, 0.0))
         if seen >= 8 and norm > self.outlier_norm_factor * max(mean, 1e-6):
-            raise AnomalousAnswerError(
+            return AnomalousAnswerError(
                 f"answer of {uid} has norm {norm:.3g}, {norm / max(mean, 1e-6):.0f}x its running mean {mean:.3g}"
             )
         seen += 1
         self._mean_norms[uid] = (seen, mean + (norm - mean) / min(seen, 100))
+        return None
+
+
+@dataclass
+class _Retry:
+    """A job that failed at the replicas in `tried` (with these `errors`) and goes on to its other replicas."""
+
+    tried: set[str]
+    errors: list[str]
+
+
+_JOINT_NORM_MAX_ELEMENTS = 1 << 20
+"""Answers that hold at most this many elements together get their norms in one reduction (one copy of them)."""
+
+
+def _mean_token_norms(outputs: list[torch.Tensor]) -> list[float]:
+    """Per tensor ``[tokens, ...]``, the mean over its tokens of their L2 norm: small tensors of one trailing shape
+    and dtype in one reduction, others one by one."""
+    if not outputs:
+        return []
+    first = outputs[0]
+    joint = (
+        len(outputs) > 1
+        and sum(t.numel() for t in outputs) <= _JOINT_NORM_MAX_ELEMENTS
+        and all(t.shape[1:] == first.shape[1:] and t.dtype == first.dtype for t in outputs)
+    )
+    if joint:
+        norms = torch.linalg.vector_norm(torch.cat(outputs).float().flatten(1), dim=1)
+        joint = bool(torch.isfinite(norms).all())  # a NaN would run into the sums of the answers after it
+    if not joint:
+        return [float(torch.linalg.vector_norm(t.float().flatten(1), dim=1).mean()) for t in outputs]
+    running = [0.0, *norms.double().cumsum(0).tolist()]  # running sums: one segment's sum is a difference
+    means, start = [], 0
+    for tensor in outputs:
+        end = start + tensor.shape[0]
+        means.append((running[end] - running[start]) / (end - start))
+        start = end
+    return means

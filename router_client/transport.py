@@ -70,9 +70,10 @@ class ExpertTransport:
     sent to the same peer in the same event-loop tick, like the per-expert requests of one router call,
     travel together (up to `proto.MAX_BATCH_PARTS` of them) as one ForwardMany/BackwardMany call: where a
     round trip costs more than the compute, that saves a round trip and the peer's per-call work for every
-    extra expert; each request still succeeds or fails on its own. `compression` (a `COMPRESSION_*` value)
-    applies to floating tensors both ways. Method names, metadata keys and limits come from `proto.contract`,
-    every message's bytes from `proto`'s encoders and decoders.
+    extra expert; each request still succeeds or fails on its own. `call_many` sends a known set of requests
+    to one peer the same way in one step, without a future per request (the dispatcher's first attempts).
+    `compression` (a `COMPRESSION_*` value) applies to floating tensors both ways. Method names, metadata keys
+    and limits come from `proto.contract`, every message's bytes from `proto`'s encoders and decoders.
     """
 
     def __init__(
@@ -129,12 +130,74 @@ class ExpertTransport:
         """
         if timeout <= 0:
             raise ExpertCallError(endpoint, uid, "no time left before the deadline", grpc.StatusCode.DEADLINE_EXCEEDED)
-        if self.coalesce_bytes and endpoint not in self._no_batches:
-            if sum(t.numel() * t.element_size() for t in tensors) <= self.coalesce_bytes:
-                return await self._coalesced(endpoint, uid, tensors, backward, timeout, forward_id)
+        if self._coalescible(endpoint, tensors):
+            return await self._coalesced(endpoint, uid, tensors, backward, timeout, forward_id)
         return await self._call_direct(
             endpoint, uid, tensors, backward=backward, timeout=timeout, forward_id=forward_id
         )
+
+    async def call_many(
+        self,
+        endpoint: str,
+        requests: list[tuple[str, list[torch.Tensor], int]],
+        *,
+        backward: bool,
+        timeout: float,
+    ) -> list[list[torch.Tensor] | ExpertCallError]:
+        """Several requests ``(uid, tensors, forward_id)`` to one peer at once: per request its outputs or the
+        `ExpertCallError` it failed with, in order (never raises it).
+
+        The small ones travel together in ForwardMany/BackwardMany calls of up to `MAX_BATCH_PARTS` parts, as
+        `call` would send them from one tick, but without a future per request; the others as calls of their own.
+        """
+        if timeout <= 0:
+            reason = "no time left before the deadline"
+            return [ExpertCallError(endpoint, uid, reason, grpc.StatusCode.DEADLINE_EXCEEDED) for uid, _, _ in requests]
+        results: list = [None] * len(requests)
+        small: list[int] = []
+        coroutines = []
+        for index, (uid, tensors, forward_id) in enumerate(requests):
+            if self._coalescible(endpoint, tensors):
+                small.append(index)
+            else:
+                coroutines.append(
+                    self._direct_into(results, index, endpoint, uid, tensors, backward, timeout, forward_id)
+                )
+        if len(small) == 1:
+            uid, tensors, forward_id = requests[small[0]]
+            coroutines.append(
+                self._direct_into(results, small[0], endpoint, uid, tensors, backward, timeout, forward_id)
+            )
+        elif small:
+            for first in range(0, len(small), MAX_BATCH_PARTS):
+                chunk = small[first : first + MAX_BATCH_PARTS]
+                parts = [requests[index] for index in chunk]
+                coroutines.append(self._batch_into(results, chunk, endpoint, parts, backward, timeout))
+        if len(coroutines) == 1:
+            await coroutines[0]
+        else:
+            await asyncio.gather(*coroutines)
+        return results
+
+    def _coalescible(self, endpoint: str, tensors: list[torch.Tensor]) -> bool:
+        """Whether a request may travel as one part of a ForwardMany/BackwardMany to `endpoint`."""
+        if not self.coalesce_bytes or endpoint in self._no_batches:
+            return False
+        return sum(t.numel() * t.element_size() for t in tensors) <= self.coalesce_bytes
+
+    async def _direct_into(self, results, index, endpoint, uid, tensors, backward, timeout, forward_id) -> None:
+        try:
+            results[index] = await self._call_direct(
+                endpoint, uid, tensors, backward=backward, timeout=timeout, forward_id=forward_id
+            )
+        except ExpertCallError as exc:
+            results[index] = exc
+        except Exception as exc:  # anything unexpected is this request's failure, not the others'
+            results[index] = ExpertCallError(endpoint, uid, repr(exc))
+
+    async def _batch_into(self, results, indices, endpoint, parts, backward, timeout) -> None:
+        for index, outcome in zip(indices, await self._batch_call(endpoint, parts, backward, timeout), strict=True):
+            results[index] = outcome
 
     async def _call_direct(
         self, endpoint: str, uid: str, tensors: list[torch.Tensor], *, backward: bool, timeout: float, forward_id: int
@@ -199,39 +262,56 @@ class ExpertTransport:
             _settle(part.future, result=outputs)
 
     async def _send_batch(self, endpoint: str, parts: list[_Part], backward: bool, timeout: float) -> None:
+        requests = [(part.uid, part.tensors, part.forward_id) for part in parts]
+        try:
+            outcomes = await self._batch_call(endpoint, requests, backward, timeout)
+        except Exception as exc:  # anything unexpected still reaches the callers instead of leaving them waiting
+            outcomes = [ExpertCallError(endpoint, part.uid, repr(exc)) for part in parts]
+        for part, outcome in zip(parts, outcomes, strict=True):
+            if isinstance(outcome, ExpertCallError):
+                _settle(part.future, exception=outcome)
+            else:
+                _settle(part.future, result=outcome)
+
+    async def _batch_call(
+        self, endpoint: str, requests: list[tuple[str, list[torch.Tensor], int]], backward: bool, timeout: float
+    ) -> list[list[torch.Tensor] | ExpertCallError]:
+        """One ForwardMany/BackwardMany call: per request its outputs or its error (a peer that does not know the
+        method gets one call per request, and is remembered)."""
+        uids = [uid for uid, _, _ in requests]
         try:
             request = encode_batch_request(
-                [(part.uid, part.tensors, part.forward_id) for part in parts],
-                compression=self.compression,
-                response_compression=self.compression,
+                requests, compression=self.compression, response_compression=self.compression
             )
             method = self._unary(endpoint, Method.many(backward))
             raw = await method(request, timeout=timeout, metadata=self.metadata)
-            results = decode_batch_response(raw, len(parts))
+            results = decode_batch_response(raw, len(requests))
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a peer from before batches: one call per request
                 self._no_batches.add(endpoint)
-                await asyncio.gather(*(self._send_alone(endpoint, part, backward, timeout) for part in parts))
-                return
-            for part in parts:
-                error = ExpertCallError(endpoint, part.uid, f"{exc.code().name}: {exc.details()}", exc.code())
-                _settle(part.future, exception=error)
-            return
+                outcomes: list = [None] * len(requests)
+                await asyncio.gather(
+                    *(
+                        self._direct_into(outcomes, i, endpoint, uid, tensors, backward, timeout, forward_id)
+                        for i, (uid, tensors, forward_id) in enumerate(requests)
+                    )
+                )
+                return outcomes
+            reason = f"{exc.code().name}: {exc.details()}"
+            return [ExpertCallError(endpoint, uid, reason, exc.code()) for uid in uids]
         except Exception as exc:  # a malformed answer, or anything unexpected: every part fails with it
-            for part in parts:
-                _settle(part.future, exception=ExpertCallError(endpoint, part.uid, f"malformed answer: {exc}"))
-            return
-        for part, result in zip(parts, results, strict=True):
+            return [ExpertCallError(endpoint, uid, f"malformed answer: {exc}") for uid in uids]
+        outcomes = []
+        for uid, result in zip(uids, results, strict=True):
             if result.failure is not None:
                 code, message = result.failure.code, result.failure.message
-                _settle(part.future, exception=ExpertCallError(endpoint, part.uid, f"{code.name}: {message}", code))
+                outcomes.append(ExpertCallError(endpoint, uid, f"{code.name}: {message}", code))
                 continue
             try:
-                outputs = result.tensors()
+                outcomes.append(result.tensors())
             except TensorDecodeError as exc:
-                _settle(part.future, exception=ExpertCallError(endpoint, part.uid, f"malformed answer: {exc}"))
-            else:
-                _settle(part.future, result=outputs)
+                outcomes.append(ExpertCallError(endpoint, uid, f"malformed answer: {exc}"))
+        return outcomes
 
     async def close(self) -> None:
         """Close every channel."""

@@ -48,15 +48,13 @@ def main() -> int:
         allow_zero_outputs=True,
     )
     served: collections.Counter = collections.Counter()
-    transport = moe.dispatcher.transport
-    call = transport.call
+    record_success = moe.scores.record_success
 
-    async def counting_call(endpoint, *call_args, **call_kwargs):
-        outputs = await call(endpoint, *call_args, **call_kwargs)
+    def counting_success(endpoint, latency):  # every answered call, whichever way the transport sent it
         served[endpoint] += 1
-        return outputs
+        record_success(endpoint, latency)
 
-    transport.call = counting_call
+    moe.scores.record_success = counting_success
     model = nn.Sequential(nn.Linear(8, args.hidden_dim), moe, nn.Linear(args.hidden_dim, 1))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     w_true = torch.randn(8, 1)

@@ -7,21 +7,31 @@ client and peer share through `proto.contract`.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
 import torch
 
+from dht import ExpertReplica
 from proto import (
+    COMPRESSION_BLOCKWISE_8BIT,
+    COMPRESSION_FLOAT16,
     MAX_BATCH_PARTS,
     SERVICE_NAME,
     Method,
+    PartFailure,
     decode_info_response,
     deserialize_tensor,
+    encode_batch_request,
+    encode_batch_response,
     encode_info_request,
     expert_pb2,
+    expert_pb2_grpc,
     serialize_tensor,
 )
+from router_client.dispatch import Dispatcher, ExpertJob
+from router_client.replicas import PeerScores
 from router_client.transport import ExpertCallError, ExpertTransport
 from tests.conftest import LoopThread, running_peer
 
@@ -198,3 +208,166 @@ def test_info_answers_in_typed_records(peer):
     assert (status.uid, status.expert_cls, status.update_count) == ("ffn.1", "ffn", 0)
     assert [spec.shape for spec in status.inputs] == [(-1, 16)] and status.inputs[0].dtype == torch.float32
     assert [e.uid for e in everything] == ["ffn.0", "ffn.1"]
+
+
+# ------------------------------------------------------------------- one pass per batch, and the client's side of it
+
+
+def test_the_experts_of_one_forward_many_are_computed_in_one_pass():
+    with running_peer(experts="ffn.[0:6]") as peer:
+        with grpc.insecure_channel(peer.endpoint) as channel:
+            stub = expert_pb2_grpc.ExpertServiceStub(channel)
+            xs = [torch.randn(i + 1, 16) for i in range(6)]
+            parts = [request(f"ffn.{i}", x) for i, x in enumerate(xs)]
+            stub.ForwardMany(expert_pb2.ExpertRequestBatch(requests=parts), timeout=10)  # warm: durations known
+            passes = peer._compute.passes
+            results = stub.ForwardMany(expert_pb2.ExpertRequestBatch(requests=parts), timeout=10).results
+            assert peer._compute.passes == passes + 1, "six experts, one pass"
+            for i, (x, result) in enumerate(zip(xs, results, strict=True)):
+                expected = peer.backends[f"ffn.{i}"].forward([x])[0]
+                torch.testing.assert_close(deserialize_tensor(result.response.tensors[0]), expected)
+
+
+def test_a_failing_expert_fails_only_its_own_part_of_the_pass(tmp_path):
+    module = tmp_path / "picky.py"
+    module.write_text(
+        "import torch\n"
+        "from peer import register_expert_class\n\n"
+        "@register_expert_class('picky')\n"
+        "class Picky(torch.nn.Module):\n"
+        "    def __init__(self, hidden_dim):\n"
+        "        super().__init__()\n"
+        "        self.scale = torch.nn.Parameter(torch.ones(hidden_dim))\n\n"
+        "    def forward(self, x):\n"
+        "        if bool((x < -100).any()):\n"
+        "            raise ValueError('refuses very negative inputs')\n"
+        "        return x * self.scale\n"
+    )
+    with running_peer(experts="p.[0:3]", expert_cls="picky", custom_module=str(module)) as peer:
+        with grpc.insecure_channel(peer.endpoint) as channel:
+            stub = expert_pb2_grpc.ExpertServiceStub(channel)
+            good, bad = torch.randn(2, 16), torch.full((2, 16), -1000.0)
+            parts = [request("p.0", good), request("p.1", bad), request("p.2", good)]
+            results = stub.ForwardMany(expert_pb2.ExpertRequestBatch(requests=parts), timeout=10).results
+            assert [r.code for r in results] == [0, grpc.StatusCode.INTERNAL.value[0], 0]
+            assert "refuses very negative inputs" in results[1].message
+            torch.testing.assert_close(deserialize_tensor(results[2].response.tensors[0]), good)
+
+
+@pytest.mark.parametrize("compression", [0, COMPRESSION_FLOAT16, COMPRESSION_BLOCKWISE_8BIT])
+def test_batch_messages_are_the_bytes_protobuf_writes(compression):
+    tensors = [
+        torch.randn(2, 64),
+        torch.randn(3, 5).t(),  # not contiguous
+        -torch.randn(3),  # a negative view
+        torch.tensor(3.0),  # 0-d
+        torch.zeros(0, 4),  # no elements
+        torch.randint(0, 9, (3,)),
+        torch.rand(4) > 0.5,
+        torch.randn(3, 4).bfloat16(),
+        torch.randn(2, 2).half(),
+    ]
+    requests = [("ffn.0", [t], 0) for t in tensors] + [("", [], 2**64 - 1), ("ünï.1", tensors[:3], 12345)]
+    for response_compression in (0, COMPRESSION_FLOAT16):
+        expected = expert_pb2.ExpertRequestBatch(
+            requests=[
+                expert_pb2.ExpertRequest(
+                    uid=uid,
+                    tensors=[serialize_tensor(t, compression) for t in ts],
+                    response_compression=response_compression,
+                    forward_id=forward_id,
+                )
+                for uid, ts, forward_id in requests
+            ]
+        ).SerializeToString()
+        raw = encode_batch_request(requests, compression=compression, response_compression=response_compression)
+        assert raw == expected
+    failures = [PartFailure(grpc.StatusCode.NOT_FOUND, "no such expert ü"), PartFailure(grpc.StatusCode.INTERNAL, "")]
+    results = [[t] for t in tensors] + [[], *failures, tensors[:4]]
+    expected = expert_pb2.ExpertResponseBatch(
+        results=[
+            expert_pb2.ExpertResult(code=r.code.value[0], message=r.message)
+            if isinstance(r, PartFailure)
+            else expert_pb2.ExpertResult(
+                response=expert_pb2.ExpertResponse(tensors=[serialize_tensor(t, compression) for t in r])
+            )
+            for r in results
+        ]
+    ).SerializeToString()
+    assert encode_batch_response(results, compressions=[compression] * len(results)) == expected
+
+
+def test_call_many_sends_small_requests_together_and_large_ones_alone_in_order():
+    loop = LoopThread()
+    try:
+        with running_peer(experts="ffn.[0:3]", hidden_dim=64, max_batch_size=100_000) as peer:
+            transport = ExpertTransport(coalesce_bytes=4096)
+            small, large = torch.randn(2, 64), torch.randn(64, 64)  # 512 bytes and 16 KiB
+            requests = [("ffn.0", [small], 0), ("ffn.1", [large], 0), ("ffn.9", [small], 0), ("ffn.2", [small], 0)]
+            try:
+                outcomes = loop.run(transport.call_many(peer.endpoint, requests, backward=False, timeout=10))
+            finally:
+                loop.run(transport.close())
+            assert (peer.servicer.calls["ForwardMany"], peer.servicer.calls["Forward"]) == (1, 1)
+            assert isinstance(outcomes[2], ExpertCallError) and outcomes[2].code == grpc.StatusCode.NOT_FOUND
+            for (uid, (x,), _), outcome in zip(requests, outcomes, strict=True):
+                if uid != "ffn.9":
+                    torch.testing.assert_close(outcome[0], peer.backends[uid].forward([x])[0])
+    finally:
+        loop.close()
+
+
+def test_dispatcher_sends_one_call_per_peer_and_fails_a_refused_part_over_to_another_replica():
+    """Both jobs' best replica is peer A, which does not host ffn.3: ffn.2 is served there in the same
+    ForwardMany, ffn.3 moves on to peer B."""
+    loop = LoopThread()
+    try:
+        with running_peer(experts="ffn.[0:3]") as a, running_peer(experts="ffn.[2:4]") as b:
+            scores = PeerScores()
+            scores.record_success(a.endpoint, 0.001)  # fast: first in line
+            scores.record_success(b.endpoint, 1.0)
+            dispatcher = Dispatcher(ExpertTransport(), scores)
+            replicas = {
+                uid: [ExpertReplica(uid, a.endpoint, "a", float("inf")), ExpertReplica(uid, b.endpoint, "b", 1e18)]
+                for uid in ("ffn.2", "ffn.3")
+            }
+            x = torch.randn(4, 16)
+            jobs = [ExpertJob(uid, torch.arange(4), torch.zeros(4, dtype=torch.int64)) for uid in ("ffn.2", "ffn.3")]
+            try:
+                served, moved = loop.run(
+                    dispatcher.run(
+                        jobs,
+                        lambda job: [x],
+                        replicas,
+                        backward=False,
+                        deadline=time.monotonic() + 10,
+                        required=torch.full((4,), 2),
+                        grace=0.0,
+                        expected_shapes=lambda job: [(4, 16)],
+                    )
+                )
+            finally:
+                loop.run(dispatcher.transport.close())
+            assert served.ok and served.replica.endpoint == a.endpoint
+            assert moved.ok and moved.replica.endpoint == b.endpoint
+            torch.testing.assert_close(moved.outputs[0], b.backends["ffn.3"].forward([x])[0])
+            assert (a.servicer.calls["ForwardMany"], a.servicer.calls["Forward"]) == (1, 0)
+            assert a.endpoint in scores.banned(), "the refusal is recorded"
+    finally:
+        loop.close()
+
+
+def test_answers_checked_together_flag_only_the_anomalous_one():
+    dispatcher = Dispatcher(ExpertTransport(), PeerScores())
+    answers = [[torch.randn(3, 8)] for _ in range(5)]
+    answers[2][0][1, 4] = float("nan")
+    uids = [f"ffn.{i}" for i in range(5)]
+    problems = dispatcher._check_many(answers, [[(3, 8)]] * 5, uids, backward=False)
+    assert [p is None for p in problems] == [True, True, False, True, True]
+    assert "NaN" in str(problems[2])
+    wrong_shape = dispatcher._check_many([[torch.randn(2, 8)]], [[(3, 8)]], ["ffn.0"], backward=False)
+    assert "shapes" in str(wrong_shape[0])
+    for _ in range(10):  # the running mean of ffn.0's norms, from answers checked together with others
+        dispatcher._check_many([[torch.randn(3, 8)], [torch.randn(1, 8)]], [[], []], uids[:2], backward=False)
+    huge = dispatcher._check_many([[torch.randn(3, 8) * 1e4], [torch.randn(1, 8)]], [[], []], uids[:2], backward=False)
+    assert "norm" in str(huge[0]) and huge[1] is None
