@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 
-from dmoe_cli.config_args import add_config_arguments, config_from_args
+from dmoe_cli.config_args import add_config_arguments, add_required_initial_peers, config_from_args
 from dmoe_cli.logs import setup_logging
 
 
@@ -84,15 +83,7 @@ def _add_status_args(parser: argparse.ArgumentParser) -> None:
     from dmoe_cli.configs import StatusConfig
 
     add_config_arguments(parser, StatusConfig, skip=("initial_peers",))
-    from_env = os.environ.get("DMOE_INITIAL_PEERS", "").replace(",", " ").split()
-    parser.add_argument(
-        "--initial-peers",
-        nargs="+",
-        default=from_env,
-        required=not from_env,
-        metavar="MADDR",
-        help="DHT nodes to ask [DMOE_INITIAL_PEERS; required unless that is set]",
-    )
+    add_required_initial_peers(parser, "ask")
     from dmoe_cli.status import add_all_flag
 
     add_all_flag(parser)

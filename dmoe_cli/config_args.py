@@ -221,3 +221,16 @@ def config_from_args(config_cls: type, args: argparse.Namespace, **overrides: An
             values[name] = list(value)
     values.update(overrides)
     return config_from_values(config_cls, values)
+
+
+def add_required_initial_peers(parser: argparse.ArgumentParser, verb: str = "join") -> None:
+    """`--initial-peers MADDR ...`, required unless `DMOE_INITIAL_PEERS` (spaces or commas) names them."""
+    from_env = os.environ.get("DMOE_INITIAL_PEERS", "").replace(",", " ").split()
+    parser.add_argument(
+        "--initial-peers",
+        nargs="+",
+        default=from_env,
+        required=not from_env,
+        metavar="MADDR",
+        help=f"DHT nodes to {verb} [DMOE_INITIAL_PEERS; required unless that is set]",
+    )

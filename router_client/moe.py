@@ -14,12 +14,11 @@ from router_client import background
 from router_client.autograd import DUMMY, new_forward_id
 from router_client.catalog import load_trusted_peers
 from router_client.config import RouterConfig
-from router_client.dispatch import Dispatcher, ExpertJob, JobResult
+from router_client.dispatch import ExpertJob, JobResult
 from router_client.grid_index import GridIndex
 from router_client.metrics import register_router_metrics
 from router_client.replicas import PeerScores
-from router_client.swarm_client import get_context, get_directory
-from router_client.verification import Verifier
+from router_client.swarm_client import get_context, get_directory, make_dispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -97,26 +96,8 @@ class RemoteMixtureOfExperts(nn.Module):
             scores=context.scores,
         )
         self.beam_size = self.config.beam_size or self.k_best + 2
-        self.verifier = (
-            Verifier(
-                context.transport,
-                context.scores,
-                fraction=self.config.verify_fraction,
-                tolerance=self.config.verify_tolerance,
-                timeout=self.config.forward_timeout,
-            )
-            if self.config.verify_fraction > 0
-            else None
-        )
-        self.dispatcher = Dispatcher(
-            context.transport,
-            context.scores,
-            hedge=self.config.hedge,
-            hedge_min_delay=self.config.hedge_min_delay,
-            check_outputs=self.config.check_outputs,
-            outlier_norm_factor=self.config.outlier_norm_factor,
-            verifier=self.verifier,
-        )
+        self.dispatcher = make_dispatcher(self.config, context)
+        self.verifier = self.dispatcher.verifier
         self.stats: collections.Counter = collections.Counter()
         self.aux_loss: torch.Tensor | None = None
         self._last_failures: dict[str, str] = {}

@@ -14,10 +14,9 @@ from router_client import background
 from router_client.autograd import DUMMY, new_forward_id
 from router_client.catalog import CatalogView, ExpertCatalog, load_trusted_peers
 from router_client.config import RouterConfig
-from router_client.dispatch import Dispatcher, ExpertJob, JobResult
+from router_client.dispatch import ExpertJob, JobResult
 from router_client.moe import RemoteExpertError
-from router_client.swarm_client import get_context, get_directory
-from router_client.verification import Verifier
+from router_client.swarm_client import get_context, get_directory, make_dispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -81,26 +80,7 @@ class RemoteExperts(nn.Module):
                 scores=context.scores,
             )
         self.catalog = catalog
-        verifier = (
-            Verifier(
-                context.transport,
-                context.scores,
-                fraction=self.config.verify_fraction,
-                tolerance=self.config.verify_tolerance,
-                timeout=self.config.forward_timeout,
-            )
-            if self.config.verify_fraction > 0
-            else None
-        )
-        self.dispatcher = Dispatcher(
-            context.transport,
-            context.scores,
-            hedge=self.config.hedge,
-            hedge_min_delay=self.config.hedge_min_delay,
-            check_outputs=self.config.check_outputs,
-            outlier_norm_factor=self.config.outlier_norm_factor,
-            verifier=verifier,
-        )
+        self.dispatcher = make_dispatcher(self.config, context)
         self.stats: collections.Counter = collections.Counter()
         self._last_failures: dict[str, str] = {}
 

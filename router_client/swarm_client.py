@@ -10,8 +10,10 @@ from dht import DHTNode, ExpertDirectory
 from proto import COMPRESSION_NAMES, COMPRESSION_NONE, channel_credentials
 from router_client import background
 from router_client.config import RouterConfig
+from router_client.dispatch import Dispatcher
 from router_client.replicas import PeerScores
 from router_client.transport import ExpertTransport
+from router_client.verification import Verifier
 
 _lock = threading.Lock()
 _nodes: dict[tuple[str, ...], DHTNode] = {}
@@ -75,3 +77,26 @@ def get_context(config: RouterConfig) -> RouterContext:
             scores = PeerScores(ban_base=config.ban_base, ban_max=config.ban_max)
             context = _contexts[key] = RouterContext(transport, scores)
         return context
+
+
+def make_dispatcher(config: RouterConfig, context: RouterContext) -> Dispatcher:
+    """A layer's dispatcher over the client's shared transport and scores, with the hedging, output checks and
+    answer verification (`dispatcher.verifier`, None when `verify_fraction` is 0) that `config` asks for."""
+    verifier = None
+    if config.verify_fraction > 0:
+        verifier = Verifier(
+            context.transport,
+            context.scores,
+            fraction=config.verify_fraction,
+            tolerance=config.verify_tolerance,
+            timeout=config.forward_timeout,
+        )
+    return Dispatcher(
+        context.transport,
+        context.scores,
+        hedge=config.hedge,
+        hedge_min_delay=config.hedge_min_delay,
+        check_outputs=config.check_outputs,
+        outlier_norm_factor=config.outlier_norm_factor,
+        verifier=verifier,
+    )

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 from pathlib import Path
 
-from dmoe_cli.config_args import add_config_arguments, config_from_args
+from dmoe_cli.config_args import add_config_arguments, add_required_initial_peers, config_from_args
 from dmoe_cli.logs import setup_logging
 from dmoe_cli.monitor.config import MonitorConfig
 
@@ -16,15 +15,7 @@ from dmoe_cli.monitor.config import MonitorConfig
 def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `dmoe monitor`; `--initial-peers` may come from `DMOE_INITIAL_PEERS` instead."""
     add_config_arguments(parser, MonitorConfig, skip=("initial_peers",))
-    from_env = os.environ.get("DMOE_INITIAL_PEERS", "").replace(",", " ").split()
-    parser.add_argument(
-        "--initial-peers",
-        nargs="+",
-        default=from_env,
-        required=not from_env,
-        metavar="MADDR",
-        help="DHT nodes to join [DMOE_INITIAL_PEERS; required unless that is set]",
-    )
+    add_required_initial_peers(parser, "join")
 
 
 def run_monitor_command(args: argparse.Namespace) -> int:
