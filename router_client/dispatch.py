@@ -507,3 +507,28 @@ def _mean_token_norms(outputs: list[torch.Tensor]) -> list[float]:
         means.append((running[end] - running[start]) / (end - start))
         start = end
     return means
+
+
+def gather_answers(
+    results: list[JobResult], like: torch.Tensor, k: int, width: int, stats
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
+    """Put every answered job's outputs in place: ``outputs [tokens, k, width]`` (dtype and device of `like`, zeros
+    where nothing answered), ``answered [tokens, k]``, and uid -> why for the jobs that failed. Counts
+    `expert_requests`, `failed_requests` and `rerouted_tokens` in `stats` (a Counter)."""
+    outputs = like.new_zeros(like.shape[0], k, width)
+    answered = torch.zeros(like.shape[0], k, dtype=torch.bool)
+    failures: dict[str, str] = {}
+    for result in results:
+        job = result.job
+        if result.ok:
+            outputs[job.token_index, job.slot_index] = result.outputs[0].to(outputs.dtype)
+            answered[job.token_index, job.slot_index] = True
+            if job.rerouted:
+                stats["rerouted_tokens"] += len(job.token_index)
+        else:
+            failures[job.uid] = result.error
+            stats["failed_requests"] += 1
+    stats["expert_requests"] += len(results)
+    if failures:
+        logger.debug("%d of %d expert requests failed: %s", len(failures), len(results), failures)
+    return outputs, answered, failures

@@ -14,7 +14,7 @@ from router_client import background
 from router_client.autograd import DUMMY, new_forward_id
 from router_client.catalog import load_trusted_peers
 from router_client.config import RouterConfig
-from router_client.dispatch import ExpertJob, JobResult
+from router_client.dispatch import ExpertJob, JobResult, gather_answers
 from router_client.grid_index import GridIndex
 from router_client.metrics import register_router_metrics
 from router_client.replicas import PeerScores
@@ -307,22 +307,7 @@ class _RemoteMoECall(torch.autograd.Function):
             reroute=_Fallback(routing, layer.scores, final),
         )
         final = final.clone()  # the router's loop is done with it
-        outputs = inputs.new_zeros(num_tokens, k, layer.in_features)
-        answered = torch.zeros(num_tokens, k, dtype=torch.bool)
-        failures = {}
-        for result in results:
-            job = result.job
-            if result.ok:
-                outputs[job.token_index, job.slot_index] = result.outputs[0].to(outputs.dtype)
-                answered[job.token_index, job.slot_index] = True
-                if job.rerouted:
-                    layer.stats["rerouted_tokens"] += len(job.token_index)
-            else:
-                failures[job.uid] = result.error
-                layer.stats["failed_requests"] += 1
-        layer.stats["expert_requests"] += len(results)
-        if failures:
-            logger.debug("%d of %d expert requests failed: %s", len(failures), len(results), failures)
+        outputs, answered, failures = gather_answers(results, inputs, k, layer.in_features, layer.stats)
         layer._last_failures = failures
         ctx.layer, ctx.routing = layer, routing
         ctx.served = [result for result in results if result.ok]

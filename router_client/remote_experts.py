@@ -14,7 +14,7 @@ from router_client import background
 from router_client.autograd import DUMMY, new_forward_id
 from router_client.catalog import CatalogView, ExpertCatalog, load_trusted_peers
 from router_client.config import RouterConfig
-from router_client.dispatch import ExpertJob, JobResult
+from router_client.dispatch import ExpertJob, JobResult, gather_answers
 from router_client.moe import RemoteExpertError
 from router_client.swarm_client import get_context, get_directory, make_dispatcher
 
@@ -194,20 +194,7 @@ class _RemoteExpertsCall(torch.autograd.Function):
             timeout=layer.config.forward_timeout,
             fid=fid,
         )
-        outputs = inputs.new_zeros(num_tokens, k, layer.hidden_size)
-        answered = torch.zeros(num_tokens, k, dtype=torch.bool)
-        failures = {}
-        for result in results:
-            job = result.job
-            if result.ok:
-                outputs[job.token_index, job.slot_index] = result.outputs[0].to(outputs.dtype)
-                answered[job.token_index, job.slot_index] = True
-            else:
-                failures[job.uid] = result.error
-                layer.stats["failed_requests"] += 1
-        layer.stats["expert_requests"] += len(results)
-        if failures:
-            logger.debug("%d of %d expert requests failed: %s", len(failures), len(results), failures)
+        outputs, answered, failures = gather_answers(results, inputs, k, layer.hidden_size, layer.stats)
         layer._last_failures = failures
         ctx.layer, ctx.view, ctx.forward_id = layer, view, fid
         ctx.served = [result for result in results if result.ok]
