@@ -30,7 +30,8 @@ lint: $(STAMP)
 # Regenerate the gRPC stubs after editing proto/dmoe/v1/*.proto (the stubs are committed).
 proto: $(STAMP)
 	$(VENV)/bin/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
-		proto/dmoe/v1/tensor.proto proto/dmoe/v1/expert.proto && rm -f proto/dmoe/v1/tensor_pb2_grpc.py
+		proto/dmoe/v1/tensor.proto proto/dmoe/v1/expert.proto proto/dmoe/v1/p2p.proto \
+		&& rm -f proto/dmoe/v1/tensor_pb2_grpc.py proto/dmoe/v1/p2p_pb2_grpc.py
 
 # The dmoe:latest image without a container registry or a package index in the build (root, Docker, debootstrap):
 # a Debian base image and a wheelhouse of the pinned dependencies, both cached in /var/cache/dmoe (deploy/).

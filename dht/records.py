@@ -37,13 +37,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from dht.libp2p import check_libp2p_endpoint, is_libp2p_endpoint
 from dht.uids import UID_DELIMITER, is_valid_uid, split_uid
 
 MAX_VALUE_BYTES = 16384  # a serialized record value, before its signature (a row of a few thousand experts)
 MAX_ROW_COORDS = 4096  # coordinates one row record may list
 MAX_SUBKEY_CHARS = 1024
 MAX_EXPIRATION_SECONDS = 24 * 3600.0  # honest nodes refuse records that claim to live longer than this
-MAX_ENDPOINT_CHARS = 261
+MAX_ENDPOINT_CHARS = 512  # a hostname and port, or a relayed libp2p multiaddr (two peer ids)
 MAX_EXPERT_CLS_CHARS = 128
 MAX_QUEUE_SIZE = 2**31 - 1
 MAX_TOKENS_PER_SECOND = 1e12
@@ -179,9 +180,12 @@ def is_withdrawn(value: object) -> bool:
 
 
 def check_endpoint(endpoint: object) -> str | None:
-    """None if `endpoint` is ``host:port`` (hostname, IPv4 or ``[IPv6]``; port 1-65535), else the reason."""
+    """None if `endpoint` is ``host:port`` (hostname, IPv4 or ``[IPv6]``; port 1-65535) or a libp2p multiaddr
+    ending with the peer's id (`dht.libp2p`: a peer reached through a relay), else the reason."""
     if not isinstance(endpoint, str) or not 0 < len(endpoint) <= MAX_ENDPOINT_CHARS:
-        return f"endpoint must be a 'host:port' string, got {endpoint!r:.80}"
+        return f"endpoint must be a 'host:port' string or a libp2p multiaddr, got {endpoint!r:.80}"
+    if is_libp2p_endpoint(endpoint):
+        return check_libp2p_endpoint(endpoint)
     host, sep, port = endpoint.rpartition(":")
     if not sep or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
         return f"endpoint {endpoint!r} must end with ':<port>' and a port in 1..65535"

@@ -46,6 +46,19 @@ class PeerConfig:
         None, "address other machines use to reach this peer (default: --host, or this machine's IP when 0.0.0.0)"
     )
     dht_port: int = _opt(0, "port of this peer's own DHT node; 0 picks a free one")
+    reachability: str = _opt(
+        "public",
+        "public: clients call this peer's gRPC port directly. private: nobody can reach this machine (home router, "
+        "campus firewall): serve over libp2p through relays (--relays) and join the DHT as a client; no port "
+        "needs to be open",
+        choices=("public", "private"),
+    )
+    relays: list[str] = _opt(
+        (),
+        "with --reachability private: multiaddrs of public nodes to relay through (default: --initial-peers; every "
+        "`dmoe dht` node relays)",
+        nargs="*",
+    )
     metrics_port: int | None = _opt(
         None, "serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port; none: no metrics)"
     )
@@ -71,7 +84,8 @@ class PeerConfig:
     endpoint_file: str | None = _opt(
         None,
         "when serving, write a JSON file here (atomically) that other processes read instead of this peer's "
-        "output; removed on a clean stop. Keys: endpoint (host:port), port, pid, peer_id and dht_maddrs "
+        "output; removed on a clean stop. Keys: endpoint (host:port, or the relayed libp2p endpoint), transport "
+        "(direct or relayed), port (gRPC), pid, peer_id and dht_maddrs "
         "(empty without a DHT), metrics_port (null without --metrics-port), experts (the hosted uids), "
         "update_counts (uid: updates at start) and "
         "resumed (uid: the update count its checkpoint held, null when it started afresh)",

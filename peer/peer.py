@@ -18,6 +18,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from hivemind.p2p import P2P
 
 from dht import DHTNode, ExpertDirectory, load_or_create_rsa_key, make_record_validators, parse_expert_pattern
 from peer.announcer import Announcer
@@ -29,6 +30,7 @@ from peer.config import PeerConfig
 from peer.experts import get_expert_class, load_custom_module
 from peer.graphs import ForwardGraphStore
 from peer.metrics import PeerMetrics
+from peer.p2p_service import RelayedService
 from peer.replica_sync import ReplicaSync
 from peer.security import ClientLimiter, SwarmKeyInterceptor, resolve_swarm_key, server_credentials
 from peer.servicer import SERVICE_NAME, ExpertServicer, HostedExpert
@@ -41,6 +43,8 @@ PORT_FILE = "peer-port"
 """In the checkpoint dir: the gRPC port used last, taken again on restart (when free) so the endpoint stays."""
 DHT_IDENTITY_FILE = "dht-identity.key"
 """In the checkpoint dir: the libp2p identity of the peer's DHT node (its peer id)."""
+P2P_IDENTITY_FILE = "p2p-identity.key"
+"""In the checkpoint dir: the libp2p identity of a relayed peer's data plane (the end of its endpoint)."""
 
 GIL_SWITCH_INTERVAL = 0.0005
 """Seconds a thread that wants the GIL waits before it asks the holder to hand it over (CPython: 5 ms)."""
@@ -108,12 +112,29 @@ class Peer:
         self._state_client: StateClient | None = None
         self.metrics: PeerMetrics | None = PeerMetrics() if config.metrics_port is not None else None
         """Prometheus metrics, served at `metrics.port` once started (None without `config.metrics_port`)."""
+        self.relayed: RelayedService | None = None
+        """With ``--reachability private``: the experts served over libp2p through a relay."""
+        self._announcer: Announcer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        if config.reachability not in ("public", "private"):
+            raise ValueError(f"--reachability must be public or private, got {config.reachability!r}")
+
+    @property
+    def private(self) -> bool:
+        """Whether clients reach this peer through a relay (``--reachability private``)."""
+        return self.config.reachability == "private"
 
     @property
     def endpoint(self) -> str:
-        """`host:port` that clients use to reach this peer."""
+        """What clients use to reach this peer: `host:port` (gRPC), or its relayed libp2p endpoint."""
+        if self.relayed is not None and self.relayed.endpoint is not None:
+            return self.relayed.endpoint
+        return self.grpc_endpoint
+
+    @property
+    def grpc_endpoint(self) -> str:
+        """`host:port` of this peer's gRPC server."""
         return f"{_announce_host(self.config)}:{self.port}"
 
     @property
@@ -163,6 +184,8 @@ class Peer:
         )
         self.port = self._bind_port()
         await self._server.start()
+        if self.private and self.announce:
+            await self._start_relayed(swarm_key, max_message_bytes)
         if self.metrics is not None:
             self.metrics.watch(experts, config.checkpoint_dir)
             self.metrics.serve(config.host, config.metrics_port)
@@ -220,6 +243,28 @@ class Peer:
             port_file.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(port_file, f"{port}\n".encode())
         return port
+
+    async def _start_relayed(self, swarm_key: str | None, max_message_bytes: int) -> None:
+        config = self.config
+        identity = str(Path(config.checkpoint_dir) / P2P_IDENTITY_FILE) if config.checkpoint_dir else None
+        if identity is not None and not Path(identity).exists():
+            Path(identity).parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(P2P.generate_identity, identity)
+        self.relayed = RelayedService(
+            self.servicer,
+            list(config.relays or config.initial_peers),
+            swarm_key=swarm_key,
+            max_message_bytes=max_message_bytes,
+            identity_path=identity,
+            host=config.host if config.host not in ("127.0.0.1", "::1", "localhost") else "127.0.0.1",
+        )
+        endpoint = await self.relayed.start()
+        logger.info("reachable through a relay at %s", endpoint)
+
+    async def _relay_changed(self, endpoint: str) -> None:
+        if self._announcer is not None:
+            self._announcer.endpoint = endpoint
+            await self._announcer.announce_once()
 
     def _start_replica_sync(self) -> None:
         config = self.config
@@ -296,6 +341,7 @@ class Peer:
             announce_host=config.announce_host,
             record_validators=validators,
             identity_path=self._dht_identity_path(),
+            client_mode=self.private,  # nobody could reach it to store or read records
         )
         self.directory = ExpertDirectory(self.dht_node, rsa_key=rsa_key)
 
@@ -318,12 +364,16 @@ class Peer:
             expiration=config.expiration,
         )
         await announcer.announce_once()
+        self._announcer = announcer
         self._background.append(asyncio.create_task(announcer.run(), name="announcer"))
+        if self.relayed is not None:
+            self._background.append(asyncio.create_task(self.relayed.watch(self._relay_changed), name="relay-watch"))
 
     def endpoint_info(self, dht_maddrs: Sequence[str] = ()) -> dict:
         """The endpoint file's content (its keys are described at `PeerConfig.endpoint_file`)."""
         return {
             "endpoint": self.endpoint,
+            "transport": "relayed" if self.relayed is not None else "direct",
             "port": self.port,
             "pid": os.getpid(),
             "peer_id": self.dht_node.peer_id if self.dht_node is not None else "",
@@ -395,6 +445,8 @@ class Peer:
                 await self._state_client.close()
             if self._server is not None:
                 await self._server.stop(self.config.shutdown_grace)
+            if self.relayed is not None:
+                await self.relayed.shutdown()
             if self.servicer is not None:
                 for expert in self.servicer.experts.values():
                     await expert.forward_queue.stop()

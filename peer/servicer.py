@@ -43,7 +43,10 @@ from proto import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SERVICE_NAME", "ExpertServicer", "HostedExpert", "RequestError"]
+__all__ = ["SERVICE_NAME", "UNARY_METHODS", "ExpertServicer", "HostedExpert", "RequestError"]
+
+UNARY_METHODS = (Method.FORWARD, Method.BACKWARD, Method.FORWARD_MANY, Method.BACKWARD_MANY, Method.INFO)
+"""The methods with one request and one answer message: what `ExpertServicer.serve_unary` serves."""
 
 
 class RequestError(Exception):
@@ -126,14 +129,22 @@ class ExpertServicer:
             return grpc.unary_stream_rpc_method_handler(serve_state)
 
         async def serve(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            self.calls[name] += 1
-            if method is Method.INFO:
-                return await self._info(request, context)
-            if method.batched:
-                return await self._many(request, context, backward=backward)
-            return await self._unary(request, context, backward=backward)
+            return await self.serve_unary(method, request, context)
 
         return grpc.unary_unary_rpc_method_handler(serve)
+
+    async def serve_unary(self, method: Method, request: bytes, context) -> bytes:
+        """Serve one call of a unary method (`UNARY_METHODS`): its request message's bytes in, its answer's out.
+
+        `context` is gRPC's servicer context, or an object with the same `abort`, `time_remaining`, `peer` and
+        `invocation_metadata` (the libp2p transport's, `peer.p2p_service`); refusals go through `context.abort`.
+        """
+        self.calls[method.value] += 1
+        if method is Method.INFO:
+            return await self._info(request, context)
+        if method.batched:
+            return await self._many(request, context, backward=method.backward)
+        return await self._unary(request, context, backward=method.backward)
 
     async def _unary(self, request: bytes, context, *, backward: bool) -> bytes:
         try:

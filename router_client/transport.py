@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from dht.libp2p import is_libp2p_endpoint
 from proto import (
     CLIENT_ID_METADATA,
     COALESCE_BYTES,
@@ -28,6 +29,7 @@ from proto import (
     open_channel,
     stream_chunk_bytes,
 )
+from router_client.p2p_channel import P2PChannel, P2PChannels
 
 
 class ExpertCallError(Exception):
@@ -52,6 +54,7 @@ class _Batch:
     backward: bool
     parts: list[_Part] = field(default_factory=list)
     timeout: float = 0.0
+    size: int = 0  # tensor bytes of the parts
 
 
 def _settle(future: asyncio.Future, *, result=None, exception: BaseException | None = None) -> None:
@@ -74,6 +77,10 @@ class ExpertTransport:
     to one peer the same way in one step, without a future per request (the dispatcher's first attempts).
     `compression` (a `COMPRESSION_*` value) applies to floating tensors both ways. Method names, metadata keys
     and limits come from `proto.contract`, every message's bytes from `proto`'s encoders and decoders.
+
+    Endpoints that are libp2p multiaddrs (peers behind NAT, reached through a circuit relay) are called over
+    libp2p instead (`router_client.p2p_channel`), with the same messages, metadata and status codes; their
+    requests and batches are capped at what a relayed connection carries.
     """
 
     def __init__(
@@ -96,14 +103,23 @@ class ExpertTransport:
         self._open_batches: dict[tuple[str, bool], _Batch] = {}
         self._no_batches: set[str] = set()  # peers that answered UNIMPLEMENTED to ForwardMany
         self._sending: set[asyncio.Task] = set()
+        self.p2p = P2PChannels()
+        """The libp2p side: its daemon starts on the first call to a libp2p endpoint."""
 
-    def channel(self, endpoint: str) -> grpc.aio.Channel:
-        """The (reused) channel to `endpoint`."""
+    def channel(self, endpoint: str) -> grpc.aio.Channel | P2PChannel:
+        """The (reused) channel to `endpoint`: gRPC for ``host:port``, libp2p for a multiaddr."""
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = open_channel(endpoint, max_message_bytes=self.max_message_bytes, credentials=self.credentials)
+            if is_libp2p_endpoint(endpoint):
+                channel = self.p2p.channel(endpoint)
+            else:
+                channel = open_channel(endpoint, max_message_bytes=self.max_message_bytes, credentials=self.credentials)
             self._channels[endpoint] = channel
         return channel
+
+    def _message_limit(self, endpoint: str) -> int:
+        """The largest message to `endpoint`: the gRPC limit, or what a relayed connection carries."""
+        return P2PChannel.max_message_bytes if is_libp2p_endpoint(endpoint) else self.max_message_bytes
 
     def _unary(self, endpoint: str, method: Method) -> grpc.aio.UnaryUnaryMultiCallable:
         """The (cached) unary multicallable of `method` at `endpoint`: bytes both ways, coded by `proto`."""
@@ -169,8 +185,7 @@ class ExpertTransport:
                 self._direct_into(results, small[0], endpoint, uid, tensors, backward, timeout, forward_id)
             )
         elif small:
-            for first in range(0, len(small), MAX_BATCH_PARTS):
-                chunk = small[first : first + MAX_BATCH_PARTS]
+            for chunk in self._batches(endpoint, small, [_size(requests[index][1]) for index in small]):
                 parts = [requests[index] for index in chunk]
                 coroutines.append(self._batch_into(results, chunk, endpoint, parts, backward, timeout))
         if len(coroutines) == 1:
@@ -183,7 +198,24 @@ class ExpertTransport:
         """Whether a request may travel as one part of a ForwardMany/BackwardMany to `endpoint`."""
         if not self.coalesce_bytes or endpoint in self._no_batches:
             return False
-        return sum(t.numel() * t.element_size() for t in tensors) <= self.coalesce_bytes
+        return _size(tensors) <= min(self.coalesce_bytes, self._batch_bytes(endpoint))
+
+    def _batch_bytes(self, endpoint: str) -> int:
+        """Most tensor bytes in one ForwardMany/BackwardMany to `endpoint` (room left for the encoding)."""
+        return int(self._message_limit(endpoint) * 0.8)
+
+    def _batches(self, endpoint: str, indices: list[int], sizes: list[int]) -> list[list[int]]:
+        """`indices` cut into batches of at most `MAX_BATCH_PARTS` parts and `_batch_bytes(endpoint)` bytes."""
+        cap, batches, current, total = self._batch_bytes(endpoint), [], [], 0
+        for index, size in zip(indices, sizes, strict=True):
+            if current and (len(current) >= MAX_BATCH_PARTS or total + size > cap):
+                batches.append(current)
+                current, total = [], 0
+            current.append(index)
+            total += size
+        if current:
+            batches.append(current)
+        return batches
 
     async def _direct_into(self, results, index, endpoint, uid, tensors, backward, timeout, forward_id) -> None:
         try:
@@ -203,8 +235,8 @@ class ExpertTransport:
         self, endpoint: str, uid: str, tensors: list[torch.Tensor], *, backward: bool, timeout: float, forward_id: int
     ) -> list[torch.Tensor]:
         """One call of its own: unary, or chunked over the stream when the tensors exceed the message limit."""
-        size = sum(t.numel() * t.element_size() for t in tensors)  # an upper bound of the encoded size
-        unary = fits_one_message(size, self.max_message_bytes)
+        size = _size(tensors)  # an upper bound of the encoded size
+        unary = fits_one_message(size, self._message_limit(endpoint))
         codes = {"compression": self.compression, "response_compression": self.compression}
         if unary:
             request = encode_request(uid, tensors, forward_id=forward_id, **codes)
@@ -228,11 +260,13 @@ class ExpertTransport:
         """Join (or open) this tick's batch for (endpoint, pass); it is sent once the loop has run every ready task."""
         key = (endpoint, backward)
         batch = self._open_batches.get(key)
-        if batch is None or len(batch.parts) >= MAX_BATCH_PARTS:
+        size = _size(tensors)
+        if batch is None or len(batch.parts) >= MAX_BATCH_PARTS or batch.size + size > self._batch_bytes(endpoint):
             batch = self._open_batches[key] = _Batch(endpoint, backward)
             asyncio.get_running_loop().call_soon(self._flush, key, batch)
         future = asyncio.get_running_loop().create_future()
         batch.parts.append(_Part(uid, tensors, forward_id, future))
+        batch.size += size
         batch.timeout = max(batch.timeout, timeout)
         return await future
 
@@ -314,7 +348,13 @@ class ExpertTransport:
         return outcomes
 
     async def close(self) -> None:
-        """Close every channel."""
+        """Close every channel (and stop the libp2p daemon, if one started)."""
         channels, self._channels, self._methods = list(self._channels.values()), {}, {}
         for channel in channels:
-            await channel.close()
+            if not isinstance(channel, P2PChannel):
+                await channel.close()
+        await self.p2p.close()
+
+
+def _size(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

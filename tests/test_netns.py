@@ -13,188 +13,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from bench.netns import REPO, Process, Topology, netns_unavailable
 
 SUBNET = "10.77.0"
 DHT_PORT, PEER_PORT, PEER_DHT_PORT = 31337, 31330, 31331
 IDENTITY = REPO / "deploy" / "dht-identity.key"  # fixed peer id: the bootstrap multiaddr is known in advance
 DRIVER = REPO / "tests" / "swarm_driver.py"
 NUM_EXPERTS, HIDDEN = 4, 32
-
-
-def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(list(args), capture_output=True, text=True, timeout=30)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
-    return result
-
-
-def netns_unavailable() -> str | None:
-    """Why network namespaces cannot be used here, or None when they can."""
-    if sys.platform != "linux":
-        return "network namespaces are Linux-only"
-    if shutil.which("ip") is None:
-        return "iproute2's `ip` is not installed"
-    probe = f"dmoe-probe-{os.getpid()}"
-    result = _run("ip", "netns", "add", probe, check=False)
-    if result.returncode != 0:
-        return f"`ip netns add` is not permitted here (needs root/CAP_SYS_ADMIN): {result.stderr.strip()}"
-    _run("ip", "netns", "del", probe, check=False)
-    return None
-
-
-@dataclass
-class Topology:
-    """Namespaces on one bridge: `add(name, ip)` creates a namespace whose eth0 has `ip`; `cleanup()` removes all.
-
-    The bridge and the host-side end of every veth pair live in the namespace `<tag>-br`, so the host's own
-    network is never touched. `cut(name)`/`restore(name)` unplug and replug a namespace's cable (its veth end on
-    the bridge); `delay(name, ms)` adds netem latency to everything the namespace sends.
-    """
-
-    tag: str
-    nodes: dict[str, str] = field(default_factory=dict)  # name -> namespace
-
-    @property
-    def bridge(self) -> str:
-        return f"{self.tag}-br"
-
-    def create(self) -> None:
-        _run("ip", "netns", "add", self.bridge)
-        _run("ip", "-n", self.bridge, "link", "set", "lo", "up")
-        _run("ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge")
-        _run("ip", "-n", self.bridge, "link", "set", "br0", "up")
-
-    def add(self, name: str, address: str) -> None:
-        namespace = f"{self.tag}-{name}"
-        _run("ip", "netns", "add", namespace)
-        self.nodes[name] = namespace
-        _run("ip", "-n", namespace, "link", "set", "lo", "up")
-        _run(
-            "ip",
-            "-n",
-            self.bridge,
-            "link",
-            "add",
-            f"v-{name}",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            namespace,
-        )
-        _run("ip", "-n", self.bridge, "link", "set", f"v-{name}", "master", "br0", "up")
-        _run("ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", "eth0")
-        _run("ip", "-n", namespace, "link", "set", "eth0", "up")
-
-    def exec_prefix(self, name: str) -> list[str]:
-        return ["ip", "netns", "exec", self.nodes[name]]
-
-    def cut(self, name: str) -> None:
-        _run("ip", "-n", self.bridge, "link", "set", f"v-{name}", "down")
-
-    def restore(self, name: str) -> None:
-        _run("ip", "-n", self.bridge, "link", "set", f"v-{name}", "up")
-
-    def slow_down(self, name: str, ms: int) -> str:
-        """Make the namespace's link slow: `ms` of netem delay on what it sends, or a 1 Mbit/s link without netem.
-
-        Some kernels are built without netem (CONFIG_NET_SCH_NETEM unset, as on this project's CI machines);
-        there a token bucket (tbf, always built) at 1 Mbit/s on both ends of the cable delays each request
-        and answer of these tests (8 to 16 KiB) by 65 ms or more instead. Returns what was done.
-        """
-        netem = ["qdisc", "add", "dev", "eth0", "root", "netem", "delay", f"{ms}ms"]
-        result = _run("ip", "netns", "exec", self.nodes[name], "tc", *netem, check=False)
-        if result.returncode == 0:
-            return f"netem: {ms} ms more round-trip time"
-        if "unknown" not in result.stderr:
-            raise RuntimeError(f"tc netem failed: {result.stderr.strip()}")
-        tbf = ["root", "tbf", "rate", "1mbit", "burst", "1600", "latency", "2s"]
-        _run("ip", "netns", "exec", self.nodes[name], "tc", "qdisc", "add", "dev", "eth0", *tbf)
-        _run("ip", "netns", "exec", self.bridge, "tc", "qdisc", "add", "dev", f"v-{name}", *tbf)
-        return "no netem in this kernel: a 1 Mbit/s link (tbf) both ways"
-
-    def cleanup(self) -> None:
-        """Kill every process left in the namespaces (all started by this test), then delete them."""
-        for namespace in [*self.nodes.values(), self.bridge]:
-            pids = _run("ip", "netns", "pids", namespace, check=False).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-        for namespace in [*self.nodes.values(), self.bridge]:
-            _run("ip", "netns", "del", namespace, check=False)
-
-
-class Process:
-    """A process in a namespace; its output lines are collected by a thread."""
-
-    def __init__(self, argv: list[str], log: Path):
-        self.log_path = log
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        with open(self.log_path, "w") as log:
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                log.write(line)
-                log.flush()
-
-    def wait_for_file(self, path: Path, timeout: float) -> str:
-        """The text of `path` once this process has written it (its readiness signal); fails if it exits first."""
-        deadline = time.monotonic() + timeout
-        while not (path.exists() and (text := path.read_text())):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"no {path.name} from {self.proc.args}:\n{''.join(self.lines)[-4000:]}")
-            time.sleep(0.2)
-        return text
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    def stop(self, timeout: float = 20) -> None:
-        """SIGTERM (if not sent yet), wait up to `timeout`, then SIGKILL the whole process group."""
-        self.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
 
 
 @dataclass
