@@ -159,6 +159,8 @@ async def start_p2p(
     )
     if relays:
         options.update(
+            host_maddrs=None,
+            no_listen=True,  # reachable only through the relays: no socket listens, no port needs to be open
             initial_peers=list(relays),
             trusted_relays=list(relays),
             use_relay=True,

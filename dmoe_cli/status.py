@@ -9,6 +9,7 @@ import json
 import math
 
 from dht import ExpertReplica, split_uid
+from dht.libp2p import endpoint_peer_id, transport_of
 
 FULL_LISTING_UP_TO = 32
 """Grids with at most this many experts are listed in full without --all."""
@@ -20,6 +21,7 @@ def status_document(prefix: str, experts: dict[str, list[ExpertReplica]], now: f
         uid: [
             {
                 "endpoint": r.endpoint,
+                "transport": transport_of(r.endpoint),
                 "peer_id": r.peer_id,
                 "expert_cls": r.expert_cls,
                 "queue_size": r.queue_size,
@@ -46,7 +48,10 @@ def summarize(experts: dict[str, list[ExpertReplica]]) -> dict:
     peers: dict[str, dict] = {}
     for replicas_of_uid in experts.values():
         for r in replicas_of_uid:
-            peer = peers.setdefault(r.endpoint, {"peer_id": r.peer_id, "experts": 0, "tokens_per_second": 0.0})
+            peer = peers.setdefault(
+                r.endpoint,
+                {"peer_id": r.peer_id, "transport": transport_of(r.endpoint), "experts": 0, "tokens_per_second": 0.0},
+            )
             peer["experts"] += 1
             peer["tokens_per_second"] += r.tokens_per_second
     return {
@@ -68,19 +73,33 @@ def print_status(document: dict, *, show_all: bool) -> None:
         f"{summary['coverage']:.1%} covered; replicas per expert: {histogram}"
     )
     print(f"  {len(summary['peers'])} peers:")
-    print(f"    {'endpoint':<22} {'peer':<14} {'experts':>7} {'tok/s':>10}")
+    print(f"    {'endpoint':<28} {'transport':<9} {'peer':<14} {'experts':>7} {'tok/s':>10}")
     for endpoint, peer in summary["peers"].items():
-        print(f"    {endpoint:<22} {peer['peer_id'][-12:]:<14} {peer['experts']:>7} {peer['tokens_per_second']:>10.1f}")
+        print(
+            f"    {short_endpoint(endpoint):<28} {peer['transport']:<9} {peer['peer_id'][-12:]:<14} "
+            f"{peer['experts']:>7} {peer['tokens_per_second']:>10.1f}"
+        )
     if not show_all and len(rows) > FULL_LISTING_UP_TO:
         print(f"  (--all lists all {len(rows)} experts with their replicas)")
         return
-    print(f"  {'uid':<16} {'endpoint':<22} {'peer':<14} {'queue':>5} {'tok/s':>9} {'expires':>8}")
+    print(f"  {'uid':<16} {'endpoint':<28} {'transport':<9} {'peer':<14} {'queue':>5} {'tok/s':>9} {'expires':>8}")
     for uid, replicas in rows.items():
         for replica in replicas:
             print(
-                f"  {uid:<16} {replica['endpoint']:<22} {replica['peer_id'][-12:]:<14} {replica['queue_size']:>5} "
+                f"  {uid:<16} {short_endpoint(replica['endpoint']):<28} {replica['transport']:<9} "
+                f"{replica['peer_id'][-12:]:<14} {replica['queue_size']:>5} "
                 f"{replica['tokens_per_second']:>9.1f} {replica['expires_in']:>7.0f}s"
             )
+
+
+def short_endpoint(endpoint: str) -> str:
+    """`endpoint` for a table: ``host:port`` as it is; a relayed one as ``<relay host:port>~<peer id tail>``
+    (``--json`` has the whole multiaddr)."""
+    if transport_of(endpoint) == "direct":
+        return endpoint
+    parts = endpoint.split("/")
+    relay = f"{parts[2]}:{parts[4]}" if len(parts) > 4 and parts[3] in ("tcp", "udp") else parts[2]
+    return f"{relay}~{endpoint_peer_id(endpoint)[-8:]}"
 
 
 def print_json(document: dict) -> None:

@@ -7,8 +7,9 @@ that masquerades and lets no connection in (`bench.netns.Topology.add_behind_nat
 
 The test first shows that the client cannot open a TCP connection to the home peer's gRPC port, then trains
 over the swarm while the home peer alone hosts the experts (its experts answer through the relay and the loss
-falls), then starts a public replica and kills the relay mid-run: the client fails over to the replica. Needs
-root and iptables (`.ci/run` installs iptables); skipped, saying why, only where namespaces are not permitted.
+falls), then starts a public replica (`dmoe status` shows each replica's transport) and kills the relay mid-run:
+the client fails over to the replica. Needs root and iptables (`.ci/run` installs iptables); skipped, saying
+why, only where namespaces are not permitted.
 """
 
 from __future__ import annotations
@@ -82,6 +83,15 @@ class NatSwarm:
         process = Process(argv, self.workdir / f"{name}.log")
         self.processes.append(process)
         return process
+
+    def status(self, *flags: str):
+        """`dmoe status` run from the client's namespace: its JSON document with ``--json``, else its table."""
+        argv = [*self.topology.exec_prefix("client"), sys.executable, "-m", "dmoe_cli", "status"]
+        result = subprocess.run(
+            [*argv, "--initial-peers", self.initial_peer, *flags], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout) if "--json" in flags else result.stdout
 
     def driver(self) -> tuple[Process, Path]:
         stop_file = self.workdir / "driver.stop"
@@ -221,6 +231,11 @@ def test_a_peer_behind_nat_trains_through_the_relay_and_the_client_fails_over_wh
         while served(steps(driver)[joined:], direct) == 0:
             assert time.monotonic() < deadline, "the client never used the public replica"
             time.sleep(0.5)
+        status = swarm.status("--json")
+        transports = {r["endpoint"]: r["transport"] for rs in status["experts"].values() for r in rs}
+        assert transports == {relayed: "relayed", direct: "direct"}, transports
+        table = swarm.status()
+        assert "relayed" in table and "direct" in table and f"{PUBLIC}.1:{DHT_PORT}~" in table, table
         swarm.dht.stop(timeout=0.1)  # SIGTERM then SIGKILL: the relay is gone
         killed = len(steps(driver))
         after = wait_steps(driver, killed + 40, timeout=180)[killed:]
