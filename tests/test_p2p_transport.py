@@ -175,3 +175,19 @@ def test_records_accept_libp2p_endpoints_and_refuse_malformed_ones():
     assert check_libp2p_endpoint("/ip4/203.0.113.7/tcp/31337") is not None  # no peer id
     assert check_endpoint(f"{relayed}/p2p-circuit/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N") is not None
     assert check_endpoint("/ipx/1/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N") is not None
+
+
+def test_the_monitor_asks_a_relayed_peer_for_its_info_over_libp2p(relay, relayed_peer):
+    from dht import ExpertDirectory
+    from dmoe_cli.monitor.poller import SwarmPoller
+
+    async def poll():
+        poller = SwarmPoller(ExpertDirectory(relay), "ffn", swarm_key=KEY, info_timeout=10.0)
+        try:
+            return await poller.poll()
+        finally:
+            await poller.close()
+
+    result = asyncio.run(poll())
+    assert not result.failures, result.failures
+    assert sorted(status.uid for status in result.answers[relayed_peer.endpoint]) == ["ffn.0", "ffn.1"]

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import grpc
 
 from dht import ExpertDirectory
+from dht.libp2p import is_libp2p_endpoint
 from dmoe_cli.monitor.state import Poll, SwarmTracker, replicas_by_endpoint
 from proto import (
     CLIENT_ID_METADATA,
@@ -26,6 +27,7 @@ from proto import (
     encode_info_request,
     open_channel,
 )
+from router_client.p2p_channel import P2PChannels
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class SwarmPoller:
         self.on_disconnect = on_disconnect
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._watchers: dict[str, asyncio.Task] = {}
+        self._p2p = P2PChannels()  # relayed peers (behind NAT) answer Info over libp2p
 
     async def poll(self) -> Poll:
         """One look at the swarm; never raises for an unreachable DHT or peer (the `Poll` says what failed)."""
@@ -85,9 +88,12 @@ class SwarmPoller:
         return poll
 
     async def _info(self, endpoint: str) -> tuple[list, str, str | None]:
-        channel = self._channels.get(endpoint)
-        if channel is None:
-            channel = self._channels[endpoint] = open_channel(endpoint, credentials=self.credentials)
+        if is_libp2p_endpoint(endpoint):
+            channel = self._p2p.channel(endpoint)
+        else:
+            channel = self._channels.get(endpoint)
+            if channel is None:
+                channel = self._channels[endpoint] = open_channel(endpoint, credentials=self.credentials)
         call = channel.unary_unary(Method.INFO.path)
         try:
             raw = await call(encode_info_request(), timeout=self.info_timeout, metadata=self.metadata)
@@ -97,7 +103,8 @@ class SwarmPoller:
             return [], "", f"{exc.code().name}: {(exc.details() or '').rsplit(': ', 1)[-1]}"
         except TensorDecodeError as exc:
             return [], "", f"a malformed Info answer: {exc}"
-        self._watch(endpoint, channel)
+        if not is_libp2p_endpoint(endpoint):
+            self._watch(endpoint, channel)
         return statuses, peer_id, None
 
     def _watch(self, endpoint: str, channel: grpc.aio.Channel) -> None:
@@ -123,8 +130,9 @@ class SwarmPoller:
                 await channel.close()
 
     async def close(self) -> None:
-        """Stop watching and close every channel."""
+        """Stop watching and close every channel (and the libp2p daemon, if relayed peers needed one)."""
         await self._close_channels(set(self._channels) | set(self._watchers))
+        await self._p2p.close()
 
 
 async def poll_forever(poller: SwarmPoller, tracker: SwarmTracker, period: float) -> None:
