@@ -210,7 +210,11 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
-    "dht": ("run a bootstrap DHT node that peers and clients join", _add_dht_args, _run_dht),
+    "dht": (
+        "run a bootstrap DHT node that peers and clients join (it also relays for peers behind NAT)",
+        _add_dht_args,
+        _run_dht,
+    ),
     "peer": ("host experts: serve them over gRPC and announce them in the DHT", _add_peer_args, _run_peer),
     "status": ("list the experts a swarm holds, with their replicas and load", _add_status_args, _run_status),
     "train": (

@@ -24,6 +24,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 EXPECTED_FAILURES: tuple[tuple[str, str], ...] = (
     ("dht", "DHTUnavailableError"),
     ("dmoe_cli.swarm", "SwarmStartError"),
+    ("peer.p2p_service", "RelayUnavailableError"),
     ("router_client", "RemoteExpertError"),
 )
 

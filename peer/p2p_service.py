@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
 from dht.libp2p import circuit_endpoint, connect, disconnect, endpoint_peer_id, start_p2p
 from peer.servicer import UNARY_METHODS, ExpertServicer
@@ -32,6 +33,10 @@ from proto.dmoe.v1.p2p_pb2 import P2PRequest, P2PResponse
 logger = logging.getLogger(__name__)
 
 _REFUSAL = "missing or wrong swarm key"
+
+
+class RelayUnavailableError(RuntimeError):
+    """No relay took this peer: it cannot be reached, so it does not announce its experts."""
 
 
 class _Aborted(Exception):
@@ -102,8 +107,8 @@ class RelayedService:
     """Serves `servicer` over libp2p through `relays` and finds the relayed endpoint clients can reach.
 
     `start()` starts the daemon, registers the handlers and returns the first relayed endpoint that answers a
-    call from a client daemon of this peer's own (raises `RuntimeError` naming the relays when none does before
-    `timeout`). `watch(on_change)` re-checks that endpoint every `check_every` s and, when it stops answering,
+    call from a client daemon of this peer's own (raises `RelayUnavailableError` naming the relays when none does
+    before `timeout`). `watch(on_change)` re-checks that endpoint every `check_every` s and, when it stops answering,
     moves to another relay and calls ``on_change(new_endpoint)``.
     """
 
@@ -115,7 +120,6 @@ class RelayedService:
         swarm_key: str | None,
         max_message_bytes: int,
         identity_path: str | None = None,
-        host: str = "0.0.0.0",
         check_every: float = 15.0,
     ):
         if not relays:
@@ -124,7 +128,7 @@ class RelayedService:
             )
         self.servicer, self.relays = servicer, list(relays)
         self.swarm_key, self.max_message_bytes = swarm_key, max_message_bytes
-        self.identity_path, self.host, self.check_every = identity_path, host, check_every
+        self.identity_path, self.check_every = identity_path, check_every
         self.endpoint: str | None = None
         self.p2p: P2P | None = None
         self._probe: P2P | None = None
@@ -136,10 +140,12 @@ class RelayedService:
 
     async def start(self, timeout: float = 30.0) -> str:
         """Serve, then return the relayed endpoint to announce."""
-        family = "ip6" if ":" in self.host else "ip4"
-        self.p2p = await start_p2p(
-            identity_path=self.identity_path, relays=self.relays, host_maddrs=[f"/{family}/{self.host}/tcp/0"]
-        )
+        try:
+            self.p2p = await start_p2p(identity_path=self.identity_path, relays=self.relays)
+        except P2PDaemonError as exc:  # p2pd exits when it can reach none of its relays
+            raise RelayUnavailableError(
+                f"could not reach any relay ({', '.join(self.relays)}): {' '.join(str(exc).split())}"
+            ) from None
         for method, handle in serve_over_p2p(
             self.servicer, swarm_key=self.swarm_key, max_message_bytes=self.max_message_bytes
         ).items():
@@ -152,7 +158,7 @@ class RelayedService:
                 self.endpoint = endpoint
                 return endpoint
             if time.monotonic() >= deadline:
-                raise RuntimeError(
+                raise RelayUnavailableError(
                     f"no relay took this peer within {timeout:.0f} s (tried {', '.join(self.relays)}); "
                     "check that they run `dmoe dht` (which relays) and are reachable from here"
                 )

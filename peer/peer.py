@@ -119,6 +119,10 @@ class Peer:
         self._stopping = False
         if config.reachability not in ("public", "private"):
             raise ValueError(f"--reachability must be public or private, got {config.reachability!r}")
+        if self.private and announce and not (config.relays or config.initial_peers):
+            raise ValueError(
+                "--reachability private needs relays: pass --initial-peers (every `dmoe dht` node relays) or --relays"
+            )
 
     @property
     def private(self) -> bool:
@@ -256,7 +260,6 @@ class Peer:
             swarm_key=swarm_key,
             max_message_bytes=max_message_bytes,
             identity_path=identity,
-            host=config.host if config.host not in ("127.0.0.1", "::1", "localhost") else "127.0.0.1",
         )
         endpoint = await self.relayed.start()
         logger.info("reachable through a relay at %s", endpoint)
