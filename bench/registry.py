@@ -15,4 +15,5 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "faults": ("bench.faults", "training steps/s with one of 4 peers SIGKILLed every 10 s (replicas 2)"),
     "memory": ("bench.memory", "peak RSS of a peer per hosted expert, and of a client"),
     "hf_moe": ("bench.hf_moe", "decode and prefill tokens/s of a Hugging Face MoE over a local swarm vs run locally"),
+    "relay": ("bench.relay", "p50 latency and training tokens/s through a libp2p relay (peer behind NAT) vs gRPC"),
 }

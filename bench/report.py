@@ -16,7 +16,7 @@ from pathlib import Path
 from bench.common import REPO, markdown_table
 from bench.registry import BENCHMARKS
 
-ORDER = ("layer", "latency", "codec", "grid", "dht", "faults", "memory", "hf_moe")
+ORDER = ("layer", "latency", "codec", "grid", "dht", "faults", "memory", "hf_moe", "relay")
 NOTES = Path(__file__).resolve().parent / "NOTES.md"
 
 INTRO = """\

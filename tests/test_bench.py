@@ -24,6 +24,7 @@ FIELDS = {
     "faults": ["config", "segments", "summary", "ratio", "targets"],
     "memory": ["config", "base", "rows", "client", "slope_mib_per_expert", "targets"],
     "grid": ["config", "grids", "nodes", "round_ms_fit", "round_ms_projected", "record_bytes"],
+    "relay": ["config", "latency", "training"],
 }
 
 
