@@ -509,6 +509,39 @@ def _mean_token_norms(outputs: list[torch.Tensor]) -> list[float]:
     return means
 
 
+def rows_by_job(jobs: list[ExpertJob], tensor: torch.Tensor, *, by_slot: bool = False) -> dict[int, torch.Tensor]:
+    """Each job's rows of `tensor`, by ``id(job)``: ``tensor[job.token_index]``, or with `by_slot`
+    ``tensor[job.token_index, job.slot_index]``, cut from one gather for all jobs rather than one per job."""
+    if not jobs:
+        return {}
+    tokens = torch.cat([job.token_index for job in jobs])
+    rows = tensor[tokens, torch.cat([job.slot_index for job in jobs])] if by_slot else tensor.index_select(0, tokens)
+    return dict(zip(map(id, jobs), rows.split([len(job.token_index) for job in jobs]), strict=True))
+
+
+def served_counts(jobs: list[ExpertJob], num_tokens: int) -> torch.Tensor:
+    """How many of `jobs` each of `num_tokens` tokens is in (``[num_tokens]``, int64)."""
+    if not jobs:
+        return torch.zeros(num_tokens, dtype=torch.int64)
+    return torch.bincount(torch.cat([job.token_index for job in jobs]), minlength=num_tokens)
+
+
+def add_input_grads(results: list[JobResult], grad_inputs: torch.Tensor, stats) -> None:
+    """Add each answered Backward's input gradients to their tokens' rows of `grad_inputs`, with one index_add
+    for all of them; counts `backward_failures` in `stats` (a Counter) for the others."""
+    answered = []
+    for result in results:
+        if result.ok:
+            answered.append(result)
+        else:
+            stats["backward_failures"] += 1
+            logger.debug("backward of %s failed: %s", result.job.uid, result.error)
+    if answered:
+        tokens = torch.cat([result.job.token_index for result in answered])
+        grads = torch.cat([result.outputs[0].to(grad_inputs.dtype) for result in answered])
+        grad_inputs.index_add_(0, tokens, grads)
+
+
 def gather_answers(
     results: list[JobResult], like: torch.Tensor, k: int, width: int, stats
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
@@ -518,16 +551,21 @@ def gather_answers(
     outputs = like.new_zeros(like.shape[0], k, width)
     answered = torch.zeros(like.shape[0], k, dtype=torch.bool)
     failures: dict[str, str] = {}
+    served = []
     for result in results:
         job = result.job
         if result.ok:
-            outputs[job.token_index, job.slot_index] = result.outputs[0].to(outputs.dtype)
-            answered[job.token_index, job.slot_index] = True
+            served.append(result)
             if job.rerouted:
                 stats["rerouted_tokens"] += len(job.token_index)
         else:
             failures[job.uid] = result.error
             stats["failed_requests"] += 1
+    if served:  # one scatter for all of them: a call may have hundreds of jobs of a token or two
+        tokens = torch.cat([result.job.token_index for result in served])
+        slots = torch.cat([result.job.slot_index for result in served])
+        outputs[tokens, slots] = torch.cat([result.outputs[0].to(outputs.dtype) for result in served])
+        answered[tokens, slots] = True
     stats["expert_requests"] += len(results)
     if failures:
         logger.debug("%d of %d expert requests failed: %s", len(failures), len(results), failures)

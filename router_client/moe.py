@@ -14,7 +14,14 @@ from router_client import background
 from router_client.autograd import DUMMY, new_forward_id
 from router_client.catalog import load_trusted_peers
 from router_client.config import RouterConfig
-from router_client.dispatch import ExpertJob, JobResult, gather_answers
+from router_client.dispatch import (
+    ExpertJob,
+    JobResult,
+    add_input_grads,
+    gather_answers,
+    rows_by_job,
+    served_counts,
+)
 from router_client.grid_index import GridIndex
 from router_client.metrics import register_router_metrics
 from router_client.replicas import PeerScores
@@ -292,10 +299,11 @@ class _RemoteMoECall(torch.autograd.Function):
         num_tokens, k = inputs.shape[0], routing.k
         final = routing.candidates[:, :k].clone()
         required = torch.full((num_tokens,), routing.required, dtype=torch.int64)
+        rows = rows_by_job(jobs, inputs)  # fallback jobs made during the call index their own
         results = _run_jobs(
             layer,
             jobs,
-            lambda job: [inputs[job.token_index]],
+            lambda job: [rows[id(job)] if id(job) in rows else inputs[job.token_index]],
             routing.view.replicas,
             backward=False,
             deadline=routing.deadline,
@@ -324,15 +332,14 @@ class _RemoteMoECall(torch.autograd.Function):
         if not ctx.served:
             return None, grad_inputs, None, None, None
         jobs = [dataclasses.replace(result.job, preferred=result.replica.endpoint) for result in ctx.served]
-        served_per_token = torch.zeros(inputs.shape[0], dtype=torch.int64)
-        for job in jobs:
-            served_per_token[job.token_index] += 1
+        served_per_token = served_counts(jobs, inputs.shape[0])
         required = served_per_token.clamp(max=config.backward_k_min)
         grad_outputs = grad_outputs.contiguous()
+        input_rows, grad_rows = rows_by_job(jobs, inputs), rows_by_job(jobs, grad_outputs, by_slot=True)
         results = _run_jobs(
             layer,
             jobs,
-            lambda job: [inputs[job.token_index], grad_outputs[job.token_index, job.slot_index]],
+            lambda job: [input_rows[id(job)], grad_rows[id(job)]],
             ctx.routing.view.replicas,
             backward=True,
             deadline=time.monotonic() + config.backward_timeout,
@@ -343,12 +350,7 @@ class _RemoteMoECall(torch.autograd.Function):
             forward_id=ctx.routing.forward_id,
         )
         layer.stats["backward_requests"] += len(jobs)
-        for result in results:
-            if result.ok:
-                grad_inputs.index_add_(0, result.job.token_index, result.outputs[0].to(grad_inputs.dtype))
-            else:
-                layer.stats["backward_failures"] += 1
-                logger.debug("backward of %s failed: %s", result.job.uid, result.error)
+        add_input_grads(results, grad_inputs, layer.stats)
         return None, grad_inputs, None, None, None
 
 

@@ -14,7 +14,14 @@ from router_client import background
 from router_client.autograd import DUMMY, new_forward_id
 from router_client.catalog import CatalogView, ExpertCatalog, load_trusted_peers
 from router_client.config import RouterConfig
-from router_client.dispatch import ExpertJob, JobResult, gather_answers
+from router_client.dispatch import (
+    ExpertJob,
+    JobResult,
+    add_input_grads,
+    gather_answers,
+    rows_by_job,
+    served_counts,
+)
 from router_client.moe import RemoteExpertError
 from router_client.swarm_client import get_context, get_directory, make_dispatcher
 
@@ -183,10 +190,11 @@ class _RemoteExpertsCall(torch.autograd.Function):
         wire = inputs.to(layer.expert_dtype) if layer.expert_dtype is not None else inputs
         num_tokens = len(hidden_states)
         required = torch.full((num_tokens,), min(layer.config.k_min, k), dtype=torch.int64)
+        rows = rows_by_job(jobs, wire)
         results = _run(
             layer,
             jobs,
-            lambda job: [wire[job.token_index]],
+            lambda job: [rows[id(job)]],
             view,
             backward=False,
             deadline=deadline,
@@ -211,14 +219,13 @@ class _RemoteExpertsCall(torch.autograd.Function):
         if not ctx.served:
             return None, grad_inputs, None, None, None, None, None, None
         jobs = [dataclasses.replace(result.job, preferred=result.replica.endpoint) for result in ctx.served]
-        served_per_token = torch.zeros(wire.shape[0], dtype=torch.int64)
-        for job in jobs:
-            served_per_token[job.token_index] += 1
+        served_per_token = served_counts(jobs, wire.shape[0])
         grads = grad_outputs.contiguous().to(wire.dtype)
+        input_rows, grad_rows = rows_by_job(jobs, wire), rows_by_job(jobs, grads, by_slot=True)
         results = _run(
             layer,
             jobs,
-            lambda job: [wire[job.token_index], grads[job.token_index, job.slot_index]],
+            lambda job: [input_rows[id(job)], grad_rows[id(job)]],
             ctx.view,
             backward=True,
             deadline=time.monotonic() + config.backward_timeout,
@@ -227,12 +234,7 @@ class _RemoteExpertsCall(torch.autograd.Function):
             fid=ctx.forward_id,
         )
         layer.stats["backward_requests"] += len(jobs)
-        for result in results:
-            if result.ok:
-                grad_inputs.index_add_(0, result.job.token_index, result.outputs[0].to(grad_inputs.dtype))
-            else:
-                layer.stats["backward_failures"] += 1
-                logger.debug("backward of %s failed: %s", result.job.uid, result.error)
+        add_input_grads(results, grad_inputs, layer.stats)
         return None, grad_inputs, None, None, None, None, None, None
 
 
