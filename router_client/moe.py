@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 import time
 
 import torch
@@ -26,8 +25,6 @@ from router_client.grid_index import GridIndex
 from router_client.metrics import register_router_metrics
 from router_client.replicas import PeerScores
 from router_client.swarm_client import get_context, get_directory, make_dispatcher
-
-logger = logging.getLogger(__name__)
 
 FALLBACK_CANDIDATES = 16
 """How many experts past its own k best a token may fall back to within one call."""

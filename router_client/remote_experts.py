@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 import time
 
 import torch
@@ -24,8 +23,6 @@ from router_client.dispatch import (
 )
 from router_client.moe import RemoteExpertError
 from router_client.swarm_client import get_context, get_directory, make_dispatcher
-
-logger = logging.getLogger(__name__)
 
 
 class RemoteExperts(nn.Module):
