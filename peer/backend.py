@@ -131,6 +131,18 @@ class ExpertBackend:
         self, inputs: list[torch.Tensor], grad_outputs: list[torch.Tensor], forward_id: int = 0
     ) -> list[torch.Tensor]:
         """Gradients of the inputs for one batch; applies one optimizer step to the expert."""
+        pending = self.backward_begin(inputs, grad_outputs, forward_id)
+        run_backward([pending])
+        return self.backward_end(pending)
+
+    def backward_begin(
+        self, inputs: list[torch.Tensor], grad_outputs: list[torch.Tensor], forward_id: int = 0
+    ) -> PendingBackward:
+        """The first part of `backward`: the batch's forward graph (kept, or recomputed) and its output gradients.
+
+        `run_backward` then runs the graphs of several experts' batches in one autograd pass, and `backward_end`
+        steps each expert's optimizer: what `backward` does for one.
+        """
         grad_outputs = [t.to(self.device) for t in grad_outputs]
         kept = self._take_kept(forward_id, inputs)
         if kept is not None:
@@ -138,18 +150,19 @@ class ExpertBackend:
             outputs = kept.outputs
         else:
             inputs = [t.to(self.device).detach().requires_grad_(t.is_floating_point()) for t in inputs]
-        with torch.enable_grad():
-            if kept is None:
+            with torch.enable_grad():
                 outputs = _as_tuple(self.module(*inputs))
-            pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs, strict=True) if out.requires_grad]
-            if pairs:
-                torch.autograd.backward([out for out, _ in pairs], grad_tensors=[grad for _, grad in pairs])
+        pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs, strict=True) if out.requires_grad]
+        return PendingBackward(self, inputs, pairs)
+
+    def backward_end(self, pending: PendingBackward) -> list[torch.Tensor]:
+        """The last part of `backward`: one optimizer step, and the gradients of the inputs."""
         self._apply_gradients()
         return [
             (t.grad if t.grad is not None else torch.zeros_like(t)).cpu()
             if t.is_floating_point()
             else torch.zeros_like(t).cpu()
-            for t in inputs
+            for t in pending.inputs
         ]
 
     def _apply_gradients(self) -> None:
@@ -191,6 +204,25 @@ class ExpertBackend:
             self.optimizer.load_state_dict(state["optimizer"])
         self.update_count = int(state.get("update_count", 0))
         self.updates_skipped = int(state.get("updates_skipped", 0))
+
+
+@dataclass
+class PendingBackward:
+    """A batch between `ExpertBackend.backward_begin` and `backward_end`: its input leaves and (output, gradient)
+    pairs."""
+
+    backend: ExpertBackend
+    inputs: list[torch.Tensor]
+    pairs: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def run_backward(pending: list[PendingBackward]) -> None:
+    """Back-propagate several batches (of distinct experts) in one autograd pass: their graphs share nothing, so
+    each expert's gradients are those its own pass would give, at one engine call's overhead for all."""
+    pairs = [pair for batch in pending for pair in batch.pairs]
+    if pairs:
+        with torch.enable_grad():
+            torch.autograd.backward([out for out, _ in pairs], grad_tensors=[grad for _, grad in pairs])
 
 
 def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer | None:

@@ -23,6 +23,19 @@ INLINE_PASS_MAX_SECONDS = 0.002
 """...as long as they are expected to take at most this long together (the loop serves nothing meanwhile)."""
 
 
+@dataclass(frozen=True)
+class Phases:
+    """How a piece's function (as its ``phases`` attribute) computes in three parts, so that the pieces of one pass
+    whose `joint` is the same share its middle part: ``begin(*args)`` gives a state, ``joint(states)`` runs once
+    for all of them, ``end(state)`` gives the piece's result. Should `joint` fail, each piece's state is `reset` and
+    the piece's function runs alone, so that one piece's failure stays its own."""
+
+    begin: Callable[..., Any]
+    joint: Callable[[list[Any]], None]
+    end: Callable[[Any], Any]
+    reset: Callable[[Any], None]
+
+
 Done = Callable[[bool, Any, float], None]
 """Called on the event loop when a piece's pass ends: (ok, its result or the exception it raised, its seconds)."""
 
@@ -116,13 +129,55 @@ class ComputeRunner:
 
 
 def _compute(pieces: list[_Piece]) -> None:
+    groups: dict[Callable, list[_Piece]] = {}
     for piece in pieces:
-        started = time.perf_counter()
+        phases = getattr(piece.fn, "phases", None)
+        if phases is None:
+            _run_alone(piece)
+        else:
+            groups.setdefault(phases.joint, []).append(piece)
+    for joint, members in groups.items():
+        if len(members) == 1:
+            _run_alone(members[0])
+        else:
+            _run_jointly(joint, members)
+
+
+def _run_alone(piece: _Piece) -> None:
+    started = time.perf_counter()
+    try:
+        piece.outcome = (True, piece.fn(*piece.args))
+    except Exception as exc:  # this piece fails alone
+        piece.outcome = (False, exc)
+    piece.seconds = time.perf_counter() - started
+
+
+def _run_jointly(joint: Callable[[list[Any]], None], pieces: list[_Piece]) -> None:
+    """`Phases` pieces sharing `joint`: each begins, the joint part runs once, each ends; seconds are split evenly."""
+    started = time.perf_counter()
+    begun: list[tuple[_Piece, Any]] = []
+    for piece in pieces:
         try:
-            piece.outcome = (True, piece.fn(*piece.args))
+            begun.append((piece, piece.fn.phases.begin(*piece.args)))
         except Exception as exc:  # this piece fails alone
             piece.outcome = (False, exc)
-        piece.seconds = time.perf_counter() - started
+    try:
+        joint([state for _, state in begun])
+    except Exception:
+        logger.warning("a joint compute pass failed; computing its %d pieces one by one", len(begun), exc_info=True)
+        for piece, state in begun:
+            piece.fn.phases.reset(state)
+        for piece, _ in begun:
+            _run_alone(piece)
+        return
+    for piece, state in begun:
+        try:
+            piece.outcome = (True, piece.fn.phases.end(state))
+        except Exception as exc:
+            piece.outcome = (False, exc)
+    share = (time.perf_counter() - started) / len(pieces)
+    for piece in pieces:
+        piece.seconds = share
 
 
 def _settle(pieces: list[_Piece], failure: BaseException | None = None) -> None:

@@ -22,10 +22,10 @@ from hivemind.p2p import P2P
 
 from dht import DHTNode, ExpertDirectory, load_or_create_rsa_key, make_record_validators, parse_expert_pattern
 from peer.announcer import Announcer
-from peer.backend import ExpertBackend
+from peer.backend import ExpertBackend, PendingBackward, run_backward
 from peer.batching import BatchingQueue
 from peer.checkpoints import atomic_write_bytes, load_checkpoint, save_checkpoint
-from peer.compute import ComputeRunner
+from peer.compute import ComputeRunner, Phases
 from peer.config import PeerConfig
 from peer.experts import get_expert_class, load_custom_module
 from peer.graphs import ForwardGraphStore
@@ -318,9 +318,16 @@ class Peer:
                 self._saved_update_count[uid] = self.resumed[uid] = backend.update_count
                 logger.info("resumed %s from its checkpoint (%d updates)", uid, backend.update_count)
 
+        num_inputs = len(backend.input_specs)
+
         def backward(tensors, forward_id, backend=backend):
-            num_inputs = len(backend.input_specs)
             return backend.backward(tensors[:num_inputs], tensors[num_inputs:], forward_id)
+
+        def begin(tensors, forward_id, backend=backend):
+            return backend.backward_begin(tensors[:num_inputs], tensors[num_inputs:], forward_id)
+
+        # the backwards of one pass (the experts of one BackwardMany) run in one autograd pass
+        backward.phases = Phases(begin, run_backward, _end_backward, _reset_backward)
 
         queue_args = dict(max_batch_size=config.max_batch_size, max_queue_size=config.max_queue_size)
         return HostedExpert(
@@ -495,6 +502,14 @@ async def run_peer(config: PeerConfig, *, on_ready=None) -> None:
         logger.info("stop requested; finishing in-flight work")
     finally:
         await peer.stop()
+
+
+def _end_backward(pending: PendingBackward) -> list[torch.Tensor]:
+    return pending.backend.backward_end(pending)
+
+
+def _reset_backward(pending: PendingBackward) -> None:
+    pending.backend.module.zero_grad(set_to_none=True)
 
 
 def _check_device(device: str) -> None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dht import ExpertReplica
+from peer.experts import get_expert_class
 from proto import (
     COMPRESSION_BLOCKWISE_8BIT,
     COMPRESSION_FLOAT16,
@@ -252,6 +253,71 @@ def test_a_failing_expert_fails_only_its_own_part_of_the_pass(tmp_path):
             assert [r.code for r in results] == [0, grpc.StatusCode.INTERNAL.value[0], 0]
             assert "refuses very negative inputs" in results[1].message
             torch.testing.assert_close(deserialize_tensor(results[2].response.tensors[0]), good)
+
+
+def test_the_backwards_of_one_backward_many_run_in_one_autograd_pass_with_the_results_of_separate_ones():
+    from peer.backend import ExpertBackend
+
+    xs, grads = [torch.randn(i + 2, 16) for i in range(4)], [torch.randn(i + 2, 16) for i in range(4)]
+    make = dict(clip_grad_norm=1.0)  # as the peer clips (PeerConfig)
+    alone = [ExpertBackend(f"ffn.{i}", get_expert_class("ffn"), 16, seed=i, **make) for i in range(4)]
+    expected = [backend.backward([x], [g]) for backend, x, g in zip(alone, xs, grads, strict=True)]
+    with running_peer(experts="ffn.[0:4]", hidden_dim=16, seed=None) as peer:
+        for i in range(4):  # the same starting weights as the experts computed alone
+            peer.backends[f"ffn.{i}"].module.load_state_dict(
+                ExpertBackend(f"ffn.{i}", get_expert_class("ffn"), 16, seed=i).module.state_dict()
+            )
+        with grpc.insecure_channel(peer.endpoint) as channel:
+            stub = expert_pb2_grpc.ExpertServiceStub(channel)
+            bad = request("ffn.3", torch.randn(2, 16), torch.full((2, 16), float("nan")))
+            parts = [request(f"ffn.{i}", x, g) for i, (x, g) in enumerate(zip(xs, grads, strict=True))]
+            passes = peer._compute.passes
+            results = stub.BackwardMany(expert_pb2.ExpertRequestBatch(requests=[*parts[:3], bad]), timeout=10).results
+            assert peer._compute.passes == passes + 1, "three backwards, one pass"
+            assert results[3].code == grpc.StatusCode.INVALID_ARGUMENT.value[0], "the poisoned part fails alone"
+            for i in range(3):
+                torch.testing.assert_close(deserialize_tensor(results[i].response.tensors[0]), expected[i][0])
+                for mine, theirs in zip(
+                    peer.backends[f"ffn.{i}"].module.parameters(), alone[i].module.parameters(), strict=True
+                ):
+                    torch.testing.assert_close(mine, theirs)  # the same optimizer step
+
+
+def test_a_backward_that_fails_inside_the_joint_pass_fails_alone(tmp_path, caplog):
+    module = tmp_path / "fragile.py"
+    module.write_text(
+        "import torch\n"
+        "from peer import register_expert_class\n\n"
+        "class Check(torch.autograd.Function):\n"
+        "    @staticmethod\n"
+        "    def forward(ctx, x):\n"
+        "        return x.clone()\n\n"
+        "    @staticmethod\n"
+        "    def backward(ctx, grad):\n"
+        "        if bool((grad > 1000).any()):\n"
+        "            raise ValueError('gradient too large for this expert')\n"
+        "        return grad\n\n"
+        "@register_expert_class('fragile')\n"
+        "class Fragile(torch.nn.Module):\n"
+        "    def __init__(self, hidden_dim):\n"
+        "        super().__init__()\n"
+        "        self.scale = torch.nn.Parameter(torch.ones(hidden_dim))\n\n"
+        "    def forward(self, x):\n"
+        "        return Check.apply(x * self.scale)\n"
+    )
+    with running_peer(experts="f.[0:3]", expert_cls="fragile", custom_module=str(module), optimizer="sgd") as peer:
+        with grpc.insecure_channel(peer.endpoint) as channel:
+            stub = expert_pb2_grpc.ExpertServiceStub(channel)
+            x, good, bad = torch.randn(2, 16), torch.ones(2, 16), torch.full((2, 16), 5000.0)
+            parts = [request("f.0", x, good), request("f.1", x, bad), request("f.2", x, good)]
+            results = stub.BackwardMany(expert_pb2.ExpertRequestBatch(requests=parts), timeout=10).results
+            assert [r.code for r in results] == [0, grpc.StatusCode.INTERNAL.value[0], 0]
+            assert "gradient too large" in results[1].message
+            assert "computing its 3 pieces one by one" in caplog.text, "the joint pass ran, failed, and was redone"
+            for i in (0, 2):
+                torch.testing.assert_close(deserialize_tensor(results[i].response.tensors[0]), good)
+            assert [peer.backends[f"f.{i}"].update_count for i in range(3)] == [1, 0, 1]
+            assert all(p.grad is None for p in peer.backends["f.1"].module.parameters()), "no gradient left behind"
 
 
 @pytest.mark.parametrize("compression", [0, COMPRESSION_FLOAT16, COMPRESSION_BLOCKWISE_8BIT])
