@@ -224,3 +224,71 @@ class Process:
         except ProcessLookupError:
             pass
         self.proc.wait(10)
+
+
+def build_nat_swarm(topology: Topology, public: str, home: str) -> None:
+    """The namespaces of the NAT test and benchmark: on the bridge (`public` is a /24 prefix such as ``10.79.0``)
+    ``dht`` at .1, ``client`` at .20 and ``public`` at .11; ``home`` at `home`.2 behind ``router`` (.2)."""
+    topology.create()
+    topology.add("dht", f"{public}.1")
+    topology.add("client", f"{public}.20")
+    topology.add("public", f"{public}.11")
+    topology.add_behind_nat("home", "router", f"{public}.2", f"{home}.2")
+
+
+def peer_argv(
+    prefix: list[str], initial_peer: str, experts: str, hidden: int, endpoint_file: Path, *extra: str
+) -> list[str]:
+    """`dmoe peer` after `prefix` (a namespace's ``ip netns exec …`` and python) as the multi-host tests and
+    benchmarks run it: on every interface, seeded, one compute thread, quick re-announcements, no replica
+    averaging (it would send each expert's state over the links being measured); `extra` flags last."""
+    return [
+        *prefix,
+        "-m",
+        "dmoe_cli",
+        "peer",
+        "--initial-peers",
+        initial_peer,
+        "--host",
+        "0.0.0.0",
+        "--experts",
+        experts,
+        "--hidden-dim",
+        str(hidden),
+        "--seed",
+        "0",
+        "--compute-threads",
+        "1",
+        "--update-period",
+        "5",
+        "--expiration",
+        "30",
+        "--shutdown-grace",
+        "1",
+        "--sync-every",
+        "0",
+        "--endpoint-file",
+        str(endpoint_file),
+        *extra,
+    ]
+
+
+def driver_steps(driver: Process) -> list[dict]:
+    """The step records `tests/swarm_driver.py` printed so far."""
+    import json
+
+    return [json.loads(line) for line in list(driver.lines) if line.startswith('{"step"')]
+
+
+def wait_steps(driver: Process, count: int, timeout: float) -> list[dict]:
+    """The driver's step records once there are `count` (fails if it exits or `timeout` passes first)."""
+    deadline = time.monotonic() + timeout
+    while len(driver_steps(driver)) < count:
+        assert driver.proc.poll() is None and time.monotonic() < deadline, "".join(driver.lines)[-4000:]
+        time.sleep(0.2)
+    return driver_steps(driver)
+
+
+def served(records: list[dict], endpoint: str) -> int:
+    """Calls answered by `endpoint` in these step records."""
+    return sum(record["served"].get(endpoint, 0) for record in records)

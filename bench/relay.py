@@ -49,7 +49,7 @@ def _plan(quick: bool) -> dict:
 
 def run(ctx) -> dict:
     """Build the namespaces, start the relay, both peers and the client; return the client's figures."""
-    from bench.netns import Topology, nat_unavailable
+    from bench.netns import Topology, build_nat_swarm, nat_unavailable
 
     plan = _plan(ctx.quick)
     config = {
@@ -72,11 +72,7 @@ def run(ctx) -> dict:
         workdir = Path(folder)
         try:
             try:
-                topology.create()
-                topology.add("dht", f"{PUBLIC}.1")
-                topology.add("client", f"{PUBLIC}.20")
-                topology.add("public", f"{PUBLIC}.11")
-                topology.add_behind_nat("home", "router", f"{PUBLIC}.2", f"{HOME}.2")
+                build_nat_swarm(topology, PUBLIC, HOME)
             except RuntimeError as error:
                 ctx.log(f"relay: skipped: {error}")
                 return _skipped(config, f"cannot build the namespaces: {error}")
@@ -96,7 +92,7 @@ def _skipped(config: dict, reason: str) -> dict:
 
 
 def _measure(ctx, topology, workdir: Path, processes: list, plan: dict) -> dict:
-    from bench.netns import Process
+    from bench.netns import Process, peer_argv
 
     started = time.monotonic()
     dht = Process(
@@ -114,37 +110,8 @@ def _measure(ctx, topology, workdir: Path, processes: list, plan: dict) -> dict:
             name = f"{namespace}-{hidden}"
             experts = f"{PREFIXES[side]}.[0:{NUM_EXPERTS}]" if hidden == TRAIN_HIDDEN else f"{PREFIXES[side]}{hidden}.0"
             reach = ["--reachability", "private"] if side == RELAYED else ["--announce-host", f"{PUBLIC}.11"]
-            argv = [
-                *_python(topology, namespace),
-                "-m",
-                "dmoe_cli",
-                "peer",
-                "--initial-peers",
-                initial_peer,
-                "--host",
-                "0.0.0.0",
-                "--port",
-                "0",
-                "--experts",
-                experts,
-                "--hidden-dim",
-                str(hidden),
-                "--seed",
-                "0",
-                "--compute-threads",
-                "1",
-                "--sync-every",
-                "0",
-                "--update-period",
-                "5",
-                "--expiration",
-                "30",
-                "--shutdown-grace",
-                "1",
-                "--endpoint-file",
-                str(workdir / f"{name}.json"),
-                *reach,
-            ]
+            endpoint_file = workdir / f"{name}.json"
+            argv = peer_argv(_python(topology, namespace), initial_peer, experts, hidden, endpoint_file, *reach)
             process = Process(argv, workdir / f"{name}.log")
             processes.append(process)
             peers[side, hidden] = (process, workdir / f"{name}.json")

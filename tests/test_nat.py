@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.netns import Process, Topology, nat_unavailable
+from bench.netns import Process, Topology, build_nat_swarm, nat_unavailable, peer_argv, served, wait_steps
+from bench.netns import driver_steps as steps
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -48,38 +49,10 @@ class NatSwarm:
 
     def peer(self, name: str, *extra: str) -> Process:
         """Start a peer in namespace `name`, hosting the test's experts."""
-        argv = [
-            *self.topology.exec_prefix(name),
-            sys.executable,
-            "-m",
-            "dmoe_cli",
-            "peer",
-            "--initial-peers",
-            self.initial_peer,
-            "--host",
-            "0.0.0.0",
-            "--port",
-            str(PEER_PORT),
-            "--experts",
-            f"ffn.[0:{NUM_EXPERTS}]",
-            "--hidden-dim",
-            str(HIDDEN),
-            "--seed",
-            "0",
-            "--compute-threads",
-            "1",
-            "--update-period",
-            "5",
-            "--expiration",
-            "30",
-            "--shutdown-grace",
-            "1",
-            "--sync-every",
-            "0",
-            "--endpoint-file",
-            str(self.workdir / f"{name}.json"),
-            *extra,
-        ]
+        prefix = [*self.topology.exec_prefix(name), sys.executable]
+        experts = f"ffn.[0:{NUM_EXPERTS}]"
+        endpoint_file = self.workdir / f"{name}.json"
+        argv = peer_argv(prefix, self.initial_peer, experts, HIDDEN, endpoint_file, "--port", str(PEER_PORT), *extra)
         process = Process(argv, self.workdir / f"{name}.log")
         self.processes.append(process)
         return process
@@ -113,22 +86,6 @@ class NatSwarm:
         return process, stop_file
 
 
-def steps(driver: Process) -> list[dict]:
-    return [json.loads(line) for line in list(driver.lines) if line.startswith('{"step"')]
-
-
-def wait_steps(driver: Process, count: int, timeout: float) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while len(steps(driver)) < count:
-        assert driver.proc.poll() is None and time.monotonic() < deadline, "".join(driver.lines)[-4000:]
-        time.sleep(0.2)
-    return steps(driver)
-
-
-def served(records: list[dict], endpoint: str) -> int:
-    return sum(record["served"].get(endpoint, 0) for record in records)
-
-
 def tcp_connects(topology: Topology, name: str, host: str, port: int, timeout: float = 3.0) -> str:
     """From namespace `name`: "connected", or why a TCP connection to host:port could not be opened."""
     probe = (
@@ -156,11 +113,7 @@ def nat_swarm(tmp_path_factory) -> Iterator[NatSwarm]:
     processes: list[Process] = []
     try:
         try:
-            topology.create()
-            topology.add("dht", f"{PUBLIC}.1")
-            topology.add("client", f"{PUBLIC}.20")
-            topology.add("public", f"{PUBLIC}.11")
-            topology.add_behind_nat("home", "router", f"{PUBLIC}.2", f"{HOME}.2")
+            build_nat_swarm(topology, PUBLIC, HOME)
             topology.route("client", f"{HOME}.0/24", f"{PUBLIC}.2")
         except RuntimeError as error:
             pytest.skip(f"cannot build namespaces with a NAT router here: {error}")

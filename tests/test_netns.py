@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.netns import REPO, Process, Topology, netns_unavailable
+from bench.netns import REPO, Process, Topology, netns_unavailable, peer_argv, served, wait_steps
+from bench.netns import driver_steps as steps
 
 SUBNET = "10.77.0"
 DHT_PORT, PEER_PORT, PEER_DHT_PORT = 31337, 31330, 31331
@@ -66,25 +67,9 @@ class Swarm:
             driver.stop(timeout=0.1)
 
 
-def steps(driver: Process) -> list[dict]:
-    return [json.loads(line) for line in list(driver.lines) if line.startswith('{"step"')]
-
-
-def wait_steps(driver: Process, count: int, timeout: float) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while len(steps(driver)) < count:
-        assert driver.proc.poll() is None and time.monotonic() < deadline, "".join(driver.lines)[-4000:]
-        time.sleep(0.2)
-    return steps(driver)
-
-
 def started_after(records: list[dict], moment: float) -> list[dict]:
     """The steps that began after `moment` (a wall-clock time)."""
     return [record for record in records if record["time"] - record["seconds"] > moment]
-
-
-def served(records: list[dict], endpoint: str) -> int:
-    return sum(record["served"].get(endpoint, 0) for record in records)
 
 
 @pytest.fixture(scope="module")
@@ -133,48 +118,11 @@ def swarm(tmp_path_factory) -> Iterator[Swarm]:
         peers = {}
         for name, address in addresses.items():
             peers[name] = f"{address}:{PEER_PORT}"
-            processes.append(
-                Process(
-                    [
-                        *topology.exec_prefix(name),
-                        sys.executable,
-                        "-m",
-                        "dmoe_cli",
-                        "peer",
-                        "--initial-peers",
-                        initial_peer,
-                        "--host",
-                        "0.0.0.0",
-                        "--announce-host",
-                        address,
-                        "--port",
-                        str(PEER_PORT),
-                        "--dht-port",
-                        str(PEER_DHT_PORT),
-                        "--experts",
-                        f"ffn.[0:{NUM_EXPERTS}]",
-                        "--hidden-dim",
-                        str(HIDDEN),
-                        "--seed",
-                        "0",
-                        "--compute-threads",
-                        "1",
-                        "--update-period",
-                        "5",
-                        "--expiration",
-                        "30",
-                        "--shutdown-grace",
-                        "1",
-                        # these tests time the routing over the links; replica averaging would send each expert's
-                        # state through the 1 Mbit/s link every round and be timed with it
-                        "--sync-every",
-                        "0",
-                        "--endpoint-file",
-                        str(workdir / f"{name}.json"),
-                    ],
-                    workdir / f"{name}.log",
-                )
-            )
+            prefix = [*topology.exec_prefix(name), sys.executable]
+            experts, endpoint_file = f"ffn.[0:{NUM_EXPERTS}]", workdir / f"{name}.json"
+            extra = ("--announce-host", address, "--port", str(PEER_PORT), "--dht-port", str(PEER_DHT_PORT))
+            argv = peer_argv(prefix, initial_peer, experts, HIDDEN, endpoint_file, *extra)
+            processes.append(Process(argv, workdir / f"{name}.log"))
         for process, (name, endpoint) in zip(processes[1:], peers.items(), strict=True):
             info = json.loads(process.wait_for_file(workdir / f"{name}.json", 90))
             assert info["endpoint"] == endpoint, "a ready peer announces its namespace's address"
