@@ -292,3 +292,21 @@ def wait_steps(driver: Process, count: int, timeout: float) -> list[dict]:
 def served(records: list[dict], endpoint: str) -> int:
     """Calls answered by `endpoint` in these step records."""
     return sum(record["served"].get(endpoint, 0) for record in records)
+
+
+def driver_argv(prefix: list[str], initial_peer: str, num_experts: int, hidden: int, stop_file: Path) -> list[str]:
+    """`tests/swarm_driver.py` (a training client printing one JSON line per step) after `prefix`, training over
+    grid ``ffn.[0:num_experts]`` until `stop_file` exists."""
+    driver = REPO / "tests" / "swarm_driver.py"
+    args = ["--initial-peers", initial_peer, "--num-experts", str(num_experts), "--hidden-dim", str(hidden)]
+    return [*prefix, str(driver), *args, "--stop-file", str(stop_file)]
+
+
+def stop_all(processes: list[Process], grace: float = 20.0) -> None:
+    """SIGTERM every process at once (each peer takes a moment to finish and save), then wait for them within
+    `grace` seconds altogether and SIGKILL what is left."""
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + grace
+    for process in reversed(processes):
+        process.stop(max(0.1, deadline - time.monotonic()))

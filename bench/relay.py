@@ -49,7 +49,7 @@ def _plan(quick: bool) -> dict:
 
 def run(ctx) -> dict:
     """Build the namespaces, start the relay, both peers and the client; return the client's figures."""
-    from bench.netns import Topology, build_nat_swarm, nat_unavailable
+    from bench.netns import Topology, build_nat_swarm, nat_unavailable, stop_all
 
     plan = _plan(ctx.quick)
     config = {
@@ -78,11 +78,7 @@ def run(ctx) -> dict:
                 return _skipped(config, f"cannot build the namespaces: {error}")
             return {"config": config, **_measure(ctx, topology, workdir, processes, plan)}
         finally:
-            for process in processes:
-                process.terminate()
-            deadline = time.monotonic() + 20
-            for process in reversed(processes):
-                process.stop(max(0.1, deadline - time.monotonic()))
+            stop_all(processes)
             topology.cleanup()
 
 

@@ -25,7 +25,17 @@ from pathlib import Path
 
 import pytest
 
-from bench.netns import Process, Topology, build_nat_swarm, nat_unavailable, peer_argv, served, wait_steps
+from bench.netns import (
+    Process,
+    Topology,
+    build_nat_swarm,
+    driver_argv,
+    nat_unavailable,
+    peer_argv,
+    served,
+    stop_all,
+    wait_steps,
+)
 from bench.netns import driver_steps as steps
 from tests.conftest import REPO
 
@@ -34,7 +44,6 @@ pytestmark = pytest.mark.slow
 PUBLIC, HOME = "10.79.0", "192.168.79"
 DHT_PORT, PEER_PORT = 31337, 31330
 IDENTITY = REPO / "deploy" / "dht-identity.key"  # fixed peer id: the bootstrap multiaddr is known in advance
-DRIVER = REPO / "tests" / "swarm_driver.py"
 NUM_EXPERTS, HIDDEN = 4, 32
 
 
@@ -68,19 +77,8 @@ class NatSwarm:
 
     def driver(self) -> tuple[Process, Path]:
         stop_file = self.workdir / "driver.stop"
-        argv = [
-            *self.topology.exec_prefix("client"),
-            sys.executable,
-            str(DRIVER),
-            "--initial-peers",
-            self.initial_peer,
-            "--num-experts",
-            str(NUM_EXPERTS),
-            "--hidden-dim",
-            str(HIDDEN),
-            "--stop-file",
-            str(stop_file),
-        ]
+        prefix = [*self.topology.exec_prefix("client"), sys.executable]
+        argv = driver_argv(prefix, self.initial_peer, NUM_EXPERTS, HIDDEN, stop_file)
         process = Process(argv, self.workdir / "driver.log")
         self.processes.append(process)
         return process, stop_file
@@ -144,11 +142,7 @@ def nat_swarm(tmp_path_factory) -> Iterator[NatSwarm]:
         swarm.home = json.loads(home.wait_for_file(workdir / "home.json", 90))
         yield swarm
     finally:
-        for process in processes:
-            process.terminate()
-        deadline = time.monotonic() + 20
-        for process in reversed(processes):
-            process.stop(max(0.1, deadline - time.monotonic()))
+        stop_all(processes)
         topology.cleanup()
 
 

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.netns import REPO, Process, Topology, netns_unavailable, peer_argv, served, wait_steps
+from bench.netns import REPO, Process, Topology, driver_argv, netns_unavailable, peer_argv, served, stop_all, wait_steps
 from bench.netns import driver_steps as steps
 
 SUBNET = "10.77.0"
 DHT_PORT, PEER_PORT, PEER_DHT_PORT = 31337, 31330, 31331
 IDENTITY = REPO / "deploy" / "dht-identity.key"  # fixed peer id: the bootstrap multiaddr is known in advance
-DRIVER = REPO / "tests" / "swarm_driver.py"
 NUM_EXPERTS, HIDDEN = 4, 32
 
 
@@ -41,19 +40,8 @@ class Swarm:
 
     def start_driver(self, name: str) -> tuple[Process, Path]:
         stop_file = self.workdir / f"{name}.stop"
-        argv = [
-            *self.topology.exec_prefix("client"),
-            sys.executable,
-            str(DRIVER),
-            "--initial-peers",
-            self.initial_peer,
-            "--num-experts",
-            str(NUM_EXPERTS),
-            "--hidden-dim",
-            str(HIDDEN),
-            "--stop-file",
-            str(stop_file),
-        ]
+        prefix = [*self.topology.exec_prefix("client"), sys.executable]
+        argv = driver_argv(prefix, self.initial_peer, NUM_EXPERTS, HIDDEN, stop_file)
         driver = Process(argv, self.workdir / f"{name}.log")
         self.processes.append(driver)
         return driver, stop_file
@@ -128,11 +116,7 @@ def swarm(tmp_path_factory) -> Iterator[Swarm]:
             assert info["endpoint"] == endpoint, "a ready peer announces its namespace's address"
         yield Swarm(topology, initial_peer, peers, processes, workdir)
     finally:
-        for process in processes:  # all at once: each peer takes a moment to finish and save
-            process.terminate()
-        deadline = time.monotonic() + 20
-        for process in reversed(processes):
-            process.stop(max(0.1, deadline - time.monotonic()))
+        stop_all(processes)
         topology.cleanup()
 
 
