@@ -310,3 +310,10 @@ def stop_all(processes: list[Process], grace: float = 20.0) -> None:
     deadline = time.monotonic() + grace
     for process in reversed(processes):
         process.stop(max(0.1, deadline - time.monotonic()))
+
+
+def dht_argv(prefix: list[str], host: str, port: int, identity: Path, addr_file: Path) -> list[str]:
+    """`dmoe dht` after `prefix`: a bootstrap node (and relay) at host:port whose fixed `identity` makes its
+    multiaddr known in advance; it writes its multiaddrs to `addr_file` once it serves."""
+    args = ["--host", host, "--port", str(port), "--identity", str(identity), "--addr-file", str(addr_file)]
+    return [*prefix, "-m", "dmoe_cli", "dht", *args]

@@ -29,6 +29,7 @@ from bench.netns import (
     Process,
     Topology,
     build_nat_swarm,
+    dht_argv,
     driver_argv,
     nat_unavailable,
     peer_argv,
@@ -118,21 +119,9 @@ def nat_swarm(tmp_path_factory) -> Iterator[NatSwarm]:
         peer_id = PeerID.from_identity(IDENTITY.read_bytes()).to_base58()
         initial_peer = f"/ip4/{PUBLIC}.1/tcp/{DHT_PORT}/p2p/{peer_id}"
         dht = Process(
-            [
-                *topology.exec_prefix("dht"),
-                sys.executable,
-                "-m",
-                "dmoe_cli",
-                "dht",
-                "--host",
-                f"{PUBLIC}.1",
-                "--port",
-                str(DHT_PORT),
-                "--identity",
-                str(IDENTITY),
-                "--addr-file",
-                str(workdir / "dht.addrs"),
-            ],
+            dht_argv(
+                [*topology.exec_prefix("dht"), sys.executable], f"{PUBLIC}.1", DHT_PORT, IDENTITY, workdir / "dht.addrs"
+            ),
             workdir / "dht.log",
         )
         processes.append(dht)

@@ -21,7 +21,18 @@ from pathlib import Path
 
 import pytest
 
-from bench.netns import REPO, Process, Topology, driver_argv, netns_unavailable, peer_argv, served, stop_all, wait_steps
+from bench.netns import (
+    REPO,
+    Process,
+    Topology,
+    dht_argv,
+    driver_argv,
+    netns_unavailable,
+    peer_argv,
+    served,
+    stop_all,
+    wait_steps,
+)
 from bench.netns import driver_steps as steps
 
 SUBNET = "10.77.0"
@@ -84,21 +95,9 @@ def swarm(tmp_path_factory) -> Iterator[Swarm]:
         peer_id = PeerID.from_identity(IDENTITY.read_bytes()).to_base58()
         initial_peer = f"/ip4/{SUBNET}.1/tcp/{DHT_PORT}/p2p/{peer_id}"
         dht = Process(
-            [
-                *topology.exec_prefix("dht"),
-                sys.executable,
-                "-m",
-                "dmoe_cli",
-                "dht",
-                "--host",
-                f"{SUBNET}.1",
-                "--port",
-                str(DHT_PORT),
-                "--identity",
-                str(IDENTITY),
-                "--addr-file",
-                str(workdir / "dht.addrs"),
-            ],
+            dht_argv(
+                [*topology.exec_prefix("dht"), sys.executable], f"{SUBNET}.1", DHT_PORT, IDENTITY, workdir / "dht.addrs"
+            ),
             workdir / "dht.log",
         )
         processes.append(dht)
