@@ -139,9 +139,13 @@ async def start_p2p(
     With `relays` (multiaddrs of public nodes whose p2pd serves as a relay: every `dmoe dht` node does), the
     daemon considers itself unreachable and keeps a reservation on those relays, so that clients can reach it
     at `circuit_endpoint(relay, peer_id)`. Without, it only dials out (a client). Connections are encrypted
-    end to end (TLS 1.3 or Noise), also through a relay. Without `identity_path`, the daemon gets a new RSA
-    identity (the other kinds' peer ids are what hivemind's codec writes as CIDs).
+    end to end (TLS 1.3 or Noise), also through a relay. `identity_path` (created, as an RSA key, when missing)
+    keeps the daemon's peer id across restarts; without it the daemon gets a new RSA identity (RSA: the other
+    kinds' peer ids are what hivemind's codec writes as CIDs).
     """
+    if identity_path is not None and not Path(identity_path).exists():
+        Path(identity_path).parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(P2P.generate_identity, identity_path)
     if identity_path is None:
         with tempfile.TemporaryDirectory(prefix="dmoe-p2p-") as folder:
             identity = str(Path(folder) / "identity.key")

@@ -18,7 +18,6 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from hivemind.p2p import P2P
 
 from dht import DHTNode, ExpertDirectory, load_or_create_rsa_key, make_record_validators, parse_expert_pattern
 from peer.announcer import Announcer
@@ -251,9 +250,6 @@ class Peer:
     async def _start_relayed(self, swarm_key: str | None, max_message_bytes: int) -> None:
         config = self.config
         identity = str(Path(config.checkpoint_dir) / P2P_IDENTITY_FILE) if config.checkpoint_dir else None
-        if identity is not None and not Path(identity).exists():
-            Path(identity).parent.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(P2P.generate_identity, identity)
         self.relayed = RelayedService(
             self.servicer,
             list(config.relays or config.initial_peers),

@@ -24,7 +24,7 @@ import grpc
 from hivemind.p2p import P2P, PeerID
 
 from dht.libp2p import RELAY_CIRCUIT_BYTES, RELAY_CIRCUIT_SECONDS, connect, disconnect, endpoint_peer_id, start_p2p
-from proto import CLIENT_ID_METADATA, SWARM_KEY_METADATA
+from proto import CLIENT_ID_METADATA, DEFAULT_DEADLINE, SWARM_KEY_METADATA
 from proto.dmoe.v1.p2p_pb2 import P2PRequest, P2PResponse
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,13 @@ _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+def _too_large(what: str) -> grpc.aio.AioRpcError:
+    return _error(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"{what} is too large for a relayed connection (a relay carries at most {RELAYED_MESSAGE_BYTES} bytes)",
+    )
 
 
 class P2PChannels:
@@ -112,21 +119,15 @@ class P2PChannel:
         """Chunked streams carry requests too large for a relayed connection: refused."""
 
         def refuse(requests, timeout=None, metadata=None):
-            raise _error(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"request too large for a relayed connection (a relay carries at most {RELAYED_MESSAGE_BYTES} bytes)",
-            )
+            raise _too_large("a request over the message limit")
 
         return refuse
 
     async def _call(self, path: str, request: bytes, *, timeout: float | None = None, metadata=()) -> bytes:
         size = len(request) + CALL_OVERHEAD_BYTES
         if len(request) > RELAYED_MESSAGE_BYTES:
-            raise _error(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"request of {len(request)} bytes is over what a relayed connection carries ({RELAYED_MESSAGE_BYTES})",
-            )
-        deadline = time.monotonic() + (timeout if timeout is not None else 120.0)
+            raise _too_large(f"a request of {len(request)} bytes")
+        deadline = time.monotonic() + (timeout if timeout is not None else DEFAULT_DEADLINE)
         fields = dict(metadata or ())
         envelope = P2PRequest(
             message=request,
