@@ -12,6 +12,8 @@ from torch import nn
 
 from peer.experts import ExpertClass
 from peer.graphs import ForwardGraphStore, KeptForward
+from peer.joint_forward import SharedGraph
+from peer.updates import apply_gradients
 
 logger = logging.getLogger(__name__)
 
@@ -74,17 +76,21 @@ class ExpertBackend:
         self.num_parameters = sum(p.numel() for p in self.module.parameters())
         self.last_update_time = time.time()
         self.graphs = graphs
-        self._params = tuple(self.module.parameters())
-        self._param_pointers = frozenset(p.data_ptr() for p in self._params)
+        self.params = tuple(self.module.parameters())
+        self._param_pointers = frozenset(p.data_ptr() for p in self.params)
 
     def forward(self, inputs: list[torch.Tensor], forward_id: int = 0) -> list[torch.Tensor]:
         """Outputs of the expert for one batch (tensors on the CPU); keeps the graph for a nonzero `forward_id`."""
-        if forward_id and self.graphs is not None and self.graphs.max_bytes > 0:
+        if self.keeps_graph(forward_id):
             return self._forward_kept(inputs, forward_id)
         inputs = [t.to(self.device, non_blocking=True) for t in inputs]
         with torch.inference_mode():
             outputs = _as_tuple(self.module(*inputs))
         return [t.cpu() for t in outputs]
+
+    def keeps_graph(self, forward_id: int) -> bool:
+        """Whether a forward of this id is computed with autograd and kept for its Backward."""
+        return bool(forward_id) and self.graphs is not None and self.graphs.max_bytes > 0
 
     def _forward_kept(self, inputs: list[torch.Tensor], forward_id: int) -> list[torch.Tensor]:
         leaves = [t.to(self.device).detach().requires_grad_(t.is_floating_point()) for t in inputs]
@@ -98,14 +104,27 @@ class ExpertBackend:
 
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(count_saved, lambda tensor: tensor):
             outputs = _as_tuple(self.module(*leaves))
-        if any(t.requires_grad for t in outputs):
-            nbytes = saved_bytes + sum(t.numel() * t.element_size() for t in (*leaves, *outputs))
-            kept = KeptForward(leaves, outputs, self._param_versions(), nbytes)
-            self.graphs.put(self.uid, forward_id, kept)
+        self.keep_forward(forward_id, leaves, outputs, saved_bytes)
         return [t.detach().cpu() for t in outputs]
 
+    def keep_forward(
+        self,
+        forward_id: int,
+        leaves: list[torch.Tensor],
+        outputs: tuple[torch.Tensor, ...],
+        saved_bytes: int,
+        shared: SharedGraph | None = None,
+        row: int = 0,
+    ) -> None:
+        """Keep a forward computed with autograd from the input `leaves` for the Backward of `forward_id`;
+        `shared`: the graph it shares with other experts' forwards, as their `row` (`peer.joint_forward`)."""
+        if any(t.requires_grad for t in outputs):
+            nbytes = saved_bytes + sum(t.numel() * t.element_size() for t in (*leaves, *outputs))
+            kept = KeptForward(leaves, outputs, self._param_versions(), nbytes, shared=shared, row=row)
+            self.graphs.put(self.uid, forward_id, kept)
+
     def _param_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self._params)
+        return tuple(p._version for p in self.params)
 
     def _take_kept(self, forward_id: int, inputs: list[torch.Tensor]) -> KeptForward | None:
         """The kept forward of `forward_id` if it was computed from `inputs` with the current parameters."""
@@ -114,6 +133,7 @@ class ExpertBackend:
         kept = self.graphs.pop(self.uid, forward_id)
         usable = (
             kept is not None
+            and (kept.shared is None or not kept.shared.consumed)
             and kept.param_versions == self._param_versions()
             and len(kept.inputs) == len(inputs)
             and all(
@@ -145,6 +165,8 @@ class ExpertBackend:
         """
         grad_outputs = [t.to(self.device) for t in grad_outputs]
         kept = self._take_kept(forward_id, inputs)
+        if kept is not None and kept.shared is not None:
+            return PendingBackward(self, kept.inputs, [], kept.shared, kept.row, grad_outputs)
         if kept is not None:
             inputs = kept.inputs
             outputs = kept.outputs
@@ -156,29 +178,13 @@ class ExpertBackend:
         return PendingBackward(self, inputs, pairs)
 
     def backward_end(self, pending: PendingBackward) -> list[torch.Tensor]:
-        """The last part of `backward`: one optimizer step, and the gradients of the inputs."""
-        self._apply_gradients()
+        """The last part of `backward`: the gradients of the inputs (`run_backward` stepped the optimizer)."""
         return [
             (t.grad if t.grad is not None else torch.zeros_like(t)).cpu()
             if t.is_floating_point()
             else torch.zeros_like(t).cpu()
             for t in pending.inputs
         ]
-
-    def _apply_gradients(self) -> None:
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        if self.optimizer is None or not params:
-            self.module.zero_grad(set_to_none=True)
-            return
-        norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm or math.inf)
-        if not torch.isfinite(norm) or norm > self.reject_grad_norm:
-            self.updates_skipped += 1
-            logger.warning("%s: skipped an update with gradient norm %.3g (poisoned or diverged)", self.uid, norm)
-        else:
-            self.optimizer.step()
-            self.update_count += 1
-            self.last_update_time = time.time()
-        self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
         """Parameters, optimizer state and counters, copied so that later updates do not change them."""
@@ -209,20 +215,50 @@ class ExpertBackend:
 @dataclass
 class PendingBackward:
     """A batch between `ExpertBackend.backward_begin` and `backward_end`: its input leaves and (output, gradient)
-    pairs."""
+    pairs; or, for a forward computed with other experts', the `shared` graph, its row there and its output
+    gradients."""
 
     backend: ExpertBackend
     inputs: list[torch.Tensor]
     pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    shared: SharedGraph | None = None
+    row: int = 0
+    grad_outputs: list[torch.Tensor] | None = None
 
 
 def run_backward(pending: list[PendingBackward]) -> None:
-    """Back-propagate several batches (of distinct experts) in one autograd pass: their graphs share nothing, so
-    each expert's gradients are those its own pass would give, at one engine call's overhead for all."""
+    """Back-propagate several batches (of distinct experts) in one autograd pass, then step each expert's optimizer
+    (`peer.updates`): their graphs share nothing, so each expert's gradients and update are those its own pass
+    would give, at one engine call's and one foreach step's overhead for all."""
     pairs = [pair for batch in pending for pair in batch.pairs]
-    if pairs:
-        with torch.enable_grad():
-            torch.autograd.backward([out for out, _ in pairs], grad_tensors=[grad for _, grad in pairs])
+    by_graph: dict[SharedGraph, dict[int, list[torch.Tensor]]] = {}
+    for batch in pending:
+        if batch.shared is not None:
+            by_graph.setdefault(batch.shared, {})[batch.row] = batch.grad_outputs
+    for graph, grad_outputs in by_graph.items():
+        pairs += graph.gradients(grad_outputs)
+    try:
+        if pairs:
+            with torch.enable_grad():
+                torch.autograd.backward([out for out, _ in pairs], grad_tensors=[grad for _, grad in pairs])
+    finally:
+        _close_shared_graphs(pending)
+    apply_gradients([batch.backend for batch in pending])
+
+
+def _close_shared_graphs(pending: list[PendingBackward]) -> None:
+    """Mark the shared graphs this pass ran through as used up, and clear the zero gradients they gave the experts
+    that are not in this pass (computed with them, backpropagated later: they recompute)."""
+    shared = {batch.shared for batch in pending if batch.shared is not None}
+    if not shared:
+        return
+    stepping = {id(batch.backend) for batch in pending}
+    for graph in shared:
+        graph.consumed = True
+        for backend in graph.members:
+            if id(backend) not in stepping:
+                for param in backend.params:
+                    param.grad = None
 
 
 def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer | None:

@@ -105,6 +105,14 @@ class FeedForwardExpert(nn.Module):
         hidden = self.ffn_output(nn.functional.gelu(self.ffn(x)))
         return self.layer_norm(x + hidden)
 
+    @staticmethod
+    def forward_many(modules: list[FeedForwardExpert], inputs: list[list[torch.Tensor]]) -> tuple[torch.Tensor]:
+        """`forward` of each module on its own inputs, as one batched computation (`peer.joint_forward`)."""
+        x = _padded(inputs)
+        hidden = _batched_linear(x, [m.ffn for m in modules])
+        hidden = _batched_linear(nn.functional.gelu(hidden), [m.ffn_output for m in modules])
+        return (_batched_layer_norm(x + hidden, [m.layer_norm for m in modules]),)
+
 
 @register_expert_class("swiglu")
 class SwiGLUExpert(nn.Module):
@@ -125,3 +133,33 @@ class SwiGLUExpert(nn.Module):
         """LayerNorm(x + SwiGLU(x))."""
         hidden = self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.layer_norm(x + hidden)
+
+    @staticmethod
+    def forward_many(modules: list[SwiGLUExpert], inputs: list[list[torch.Tensor]]) -> tuple[torch.Tensor]:
+        """`forward` of each module on its own inputs, as one batched computation (`peer.joint_forward`)."""
+        x = _padded(inputs)
+        gate = _batched_linear(x, [m.gate_proj for m in modules])
+        up = _batched_linear(x, [m.up_proj for m in modules])
+        hidden = _batched_linear(nn.functional.silu(gate) * up, [m.down_proj for m in modules])
+        return (_batched_layer_norm(x + hidden, [m.layer_norm for m in modules]),)
+
+
+def _padded(inputs: list[list[torch.Tensor]]) -> torch.Tensor:
+    """The single inputs of several experts as one [experts, longest batch, hidden] tensor padded with zeros."""
+    return nn.utils.rnn.pad_sequence([args[0] for args in inputs], batch_first=True)
+
+
+def _batched_linear(x: torch.Tensor, layers: list[nn.Linear]) -> torch.Tensor:
+    """Each expert's `nn.Linear` on its rows of `x` ([experts, tokens, in]): one batched matmul."""
+    weight = torch.stack([layer.weight for layer in layers]).transpose(1, 2)
+    if layers[0].bias is None:
+        return torch.bmm(x, weight)
+    return torch.baddbmm(torch.stack([layer.bias for layer in layers]).unsqueeze(1), x, weight)
+
+
+def _batched_layer_norm(x: torch.Tensor, norms: list[nn.LayerNorm]) -> torch.Tensor:
+    """Each expert's `nn.LayerNorm` on its rows of `x` ([experts, tokens, hidden])."""
+    normed = nn.functional.layer_norm(x, norms[0].normalized_shape, eps=norms[0].eps)
+    weight = torch.stack([norm.weight for norm in norms]).unsqueeze(1)
+    bias = torch.stack([norm.bias for norm in norms]).unsqueeze(1)
+    return torch.addcmul(bias, normed, weight)

@@ -12,19 +12,24 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 
 @dataclass
 class KeptForward:
-    """One Forward with its graph: the input leaves, the outputs, the parameter versions it used, its size."""
+    """One Forward with its graph: the input leaves, the outputs, the parameter versions it used, its size, and
+    the graph it is part of, with its row there, when several experts were computed together
+    (`peer.joint_forward.SharedGraph`)."""
 
     inputs: list[torch.Tensor]
     outputs: tuple[torch.Tensor, ...]
     param_versions: tuple[int, ...]
     nbytes: int
     created: float = field(default_factory=time.monotonic)
+    shared: Any = None
+    row: int = 0
 
 
 class ForwardGraphStore:

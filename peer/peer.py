@@ -28,6 +28,7 @@ from peer.compute import ComputeRunner, Phases
 from peer.config import PeerConfig
 from peer.experts import get_expert_class, load_custom_module
 from peer.graphs import ForwardGraphStore
+from peer.joint_forward import PendingForward, run_forwards
 from peer.metrics import PeerMetrics
 from peer.p2p_service import RelayedService
 from peer.replica_sync import ReplicaSync
@@ -325,10 +326,19 @@ class Peer:
         # the backwards of one pass (the experts of one BackwardMany) run in one autograd pass
         backward.phases = Phases(begin, run_backward, _end_backward, _reset_backward)
 
+        def forward(tensors, forward_id, backend=backend):
+            return backend.forward(tensors, forward_id)
+
+        def begin_forward(tensors, forward_id, backend=backend):
+            return PendingForward(backend, tensors, forward_id)
+
+        # the small experts of one pass (of one ForwardMany) are computed together (peer.joint_forward)
+        forward.phases = Phases(begin_forward, run_forwards, _end_forward, _reset_forward)
+
         queue_args = dict(max_batch_size=config.max_batch_size, max_queue_size=config.max_queue_size)
         return HostedExpert(
             backend,
-            BatchingQueue(f"{uid}/forward", backend.forward, self._compute, **queue_args),
+            BatchingQueue(f"{uid}/forward", forward, self._compute, **queue_args),
             BatchingQueue(f"{uid}/backward", backward, self._compute, **queue_args),
         )
 
@@ -498,6 +508,16 @@ async def run_peer(config: PeerConfig, *, on_ready=None) -> None:
         logger.info("stop requested; finishing in-flight work")
     finally:
         await peer.stop()
+
+
+def _end_forward(pending: PendingForward) -> list[torch.Tensor]:
+    if pending.outputs is None:
+        raise RuntimeError(f"the joint forward pass left {pending.backend.uid} uncomputed")
+    return pending.outputs
+
+
+def _reset_forward(pending: PendingForward) -> None:
+    pending.outputs = None
 
 
 def _end_backward(pending: PendingBackward) -> list[torch.Tensor]:

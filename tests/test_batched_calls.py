@@ -55,7 +55,10 @@ def test_each_part_of_a_batch_gets_its_own_answer_or_status(peer, stub):
     ]
     assert "ffn.9" in results[1].message and "shape" in results[3].message
     single = stub.Forward(request("ffn.1", x1), timeout=10)
-    assert results[2].response == single  # the same bytes as a call of its own
+    # the answer of a call of its own, up to rounding: the experts of a batch are computed together (joint_forward)
+    torch.testing.assert_close(
+        deserialize_tensor(results[2].response.tensors[0]), deserialize_tensor(single.tensors[0])
+    )
     assert peer.servicer.calls["ForwardMany"] == 1 and peer.servicer.requests["forward"] == 5
 
     with pytest.raises(grpc.RpcError) as info:
