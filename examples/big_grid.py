@@ -36,8 +36,17 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=2, help="experts per token")
     parser.add_argument("--forward-timeout", type=float, default=5.0, help="the router's forward deadline, seconds")
     parser.add_argument("--json", action="store_true", help="print each step as a JSON line")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of this process (0: torch's choice); the model is tiny, and more threads would only "
+        "spin on the cores the peers need",
+    )
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     started = time.monotonic()
     moe = RemoteMixtureOfExperts(

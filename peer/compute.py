@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -69,6 +71,12 @@ class ComputeRunner:
         self._lock = threading.Lock()
         self._next_pass: list[_Piece] | None = None
         self.passes = self.inline_passes = 0
+
+    async def set_threads(self, threads: int) -> None:
+        """Compute with `threads` torch intra-op threads, on the compute thread and on the event loop alike (each
+        thread's OpenMP keeps its own count, and one pass must compute the same wherever it runs)."""
+        torch.set_num_threads(threads)
+        await asyncio.get_running_loop().run_in_executor(self._executor, torch.set_num_threads, threads)
 
     def submit(self, fn: Callable[..., Any], args: tuple, *, on_done: Done, expected: float | None = None) -> None:
         """Add `fn(*args)` to this tick's pass (call on the event loop); `on_done` gets its outcome there."""

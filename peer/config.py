@@ -104,7 +104,9 @@ class PeerConfig:
     catch_up: bool = _opt(
         True, "before announcing, load the state of a live replica that is ahead (a new or long-stopped peer)"
     )
-    compute_threads: int | None = _opt(None, "torch intra-op threads for compute (default: torch's choice)")
+    compute_threads: int | None = _opt(
+        None, "torch intra-op threads for compute (default: 1 for small experts on the CPU, else torch's choice)"
+    )
     shutdown_grace: float = _opt(10.0, "seconds to finish in-flight requests on shutdown")
     seed: int | None = _opt(None, "seed for expert initialisation (experts are seeded per uid when given)")
     swarm_key: str | None = _opt(None, "shared secret every caller must present; calls without it get UNAUTHENTICATED")

@@ -28,7 +28,7 @@ from peer.compute import ComputeRunner, Phases
 from peer.config import PeerConfig
 from peer.experts import get_expert_class, load_custom_module
 from peer.graphs import ForwardGraphStore
-from peer.joint_forward import PendingForward, run_forwards
+from peer.joint_forward import JOINT_MAX_PARAMETERS, PendingForward, run_forwards
 from peer.metrics import PeerMetrics
 from peer.p2p_service import RelayedService
 from peer.replica_sync import ReplicaSync
@@ -149,10 +149,11 @@ class Peer:
     async def start(self) -> None:
         """Build the experts, start serving and (when announcing) join the DHT and declare the experts."""
         config = self.config
-        if config.compute_threads:
-            torch.set_num_threads(config.compute_threads)
         shorten_gil_switch_interval()
         experts = {uid: self._build_expert(uid) for uid in self.uids}
+        threads = config.compute_threads or _default_compute_threads([e.backend for e in experts.values()])
+        if threads:
+            await self._compute.set_threads(threads)
         if self.announce:  # the DHT child process is forked before gRPC starts its threads
             await self._start_dht()
         for expert in experts.values():
@@ -508,6 +509,20 @@ async def run_peer(config: PeerConfig, *, on_ready=None) -> None:
         logger.info("stop requested; finishing in-flight work")
     finally:
         await peer.stop()
+
+
+def _default_compute_threads(backends: list[ExpertBackend]) -> int | None:
+    """1 when every expert is small and computes on the CPU, else None (torch's choice: one thread per core).
+
+    Small experts' operations are too short to split: torch's threads then only synchronise, and between
+    operations they spin, taking the cores that the peer's event loop, the clients and other peers on the
+    machine need (bench/NOTES.md).
+    """
+    small = all(b.device.type == "cpu" and b.num_parameters <= JOINT_MAX_PARAMETERS for b in backends)
+    if backends and small:
+        logger.info("computing on 1 thread: the experts are small (--compute-threads N to choose)")
+        return 1
+    return None
 
 
 def _end_forward(pending: PendingForward) -> list[torch.Tensor]:
