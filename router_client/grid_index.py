@@ -73,6 +73,7 @@ class GridIndex:
         self._entries: dict[str, _Entry] = {}
         self._replicas: dict[int, list[ExpertReplica]] = {}  # row -> replicas, for every cached last-level uid
         self._uids: dict[int, str] = {}  # row -> uid, for the same rows
+        self._row_of: dict[str, int] = {}  # uid -> row, for the uids asked about lately
         self._rows_at: dict[str, set[int]] = {}  # endpoint -> rows it serves
         self._peer_at: dict[str, str] = {}  # endpoint -> peer id
         self._refreshing: set[str] = set()
@@ -116,8 +117,14 @@ class GridIndex:
 
     def row(self, uid: str) -> int:
         """The row of `uid` (which must belong to this grid)."""
-        coords = [int(part) for part in uid.split(UID_DELIMITER)[1:]]
-        return sum(c * stride for c, stride in zip(coords, self.strides, strict=True))
+        row = self._row_of.get(uid)
+        if row is None:
+            coords = [int(part) for part in uid.split(UID_DELIMITER)[1:]]
+            row = sum(c * stride for c, stride in zip(coords, self.strides, strict=True))
+            if len(self._row_of) >= _ROW_CACHE_SIZE:
+                self._row_of.clear()
+            self._row_of[uid] = row
+        return row
 
     def replicas_of(self, uid: str) -> list[ExpertReplica]:
         """The cached replicas of `uid` ([] when none is known)."""
@@ -301,6 +308,10 @@ class GridIndex:
             rows_there.discard(row)
             if not rows_there:
                 del self._rows_at[endpoint]
+
+
+_ROW_CACHE_SIZE = 1 << 16
+"""uids whose rows `GridIndex.row` remembers (it forgets them all when full): the experts of recent calls."""
 
 
 class _ReplicaLookup(Mapping):

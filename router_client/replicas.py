@@ -159,6 +159,8 @@ class PeerScores:
     def order(self, replicas: list[ExpertReplica], preferred: str | None = None) -> list[ExpertReplica]:
         """Replicas best first; `preferred` (an endpoint) goes first unless banned; liars are left out, and so
         are dead replicas unless nothing else is left."""
+        if len(replicas) == 1:  # most experts of a big grid have one replica: nothing to order
+            return [] if self._is_permanently_banned(replicas[0].endpoint) else list(replicas)
         replicas = [r for r in replicas if not self._is_permanently_banned(r.endpoint)]
         alive = [r for r in replicas if not self.is_dead(r.endpoint)]
         shuffled = random.sample(alive or replicas, len(alive or replicas))  # ties broken at random: spreads load
