@@ -13,7 +13,7 @@ from torch import nn
 from peer.experts import ExpertClass
 from peer.graphs import ForwardGraphStore, KeptForward
 from peer.joint_forward import SharedGraph
-from peer.updates import apply_gradients
+from peer.updates import apply_gradients, clear_gradients
 
 logger = logging.getLogger(__name__)
 
@@ -257,8 +257,7 @@ def _close_shared_graphs(pending: list[PendingBackward]) -> None:
         graph.consumed = True
         for backend in graph.members:
             if id(backend) not in stepping:
-                for param in backend.params:
-                    param.grad = None
+                clear_gradients(backend.params)
 
 
 def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer | None:

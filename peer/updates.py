@@ -39,7 +39,7 @@ def apply_gradients(backends: Sequence[ExpertBackend]) -> None:
     for backend in backends:
         params = [p for p in backend.params if p.grad is not None]
         if backend.optimizer is None or not params:
-            _clear(params)
+            clear_gradients(params)
         else:
             stepping.append((backend, params))
     if not stepping:
@@ -50,7 +50,7 @@ def apply_gradients(backends: Sequence[ExpertBackend]) -> None:
         if not math.isfinite(norm) or norm > backend.reject_grad_norm:
             backend.updates_skipped += 1
             logger.warning("%s: skipped an update with gradient norm %.3g (poisoned or diverged)", backend.uid, norm)
-            _clear(params)
+            clear_gradients(params)
         else:
             accepted.append((backend, params, norm))
     _clip([(params, backend.clip_grad_norm, norm) for backend, params, norm in accepted])
@@ -59,10 +59,11 @@ def apply_gradients(backends: Sequence[ExpertBackend]) -> None:
     for backend, params, _ in accepted:
         backend.update_count += 1
         backend.last_update_time = now
-        _clear(params)
+        clear_gradients(params)
 
 
-def _clear(params: list[torch.Tensor]) -> None:
+def clear_gradients(params) -> None:
+    """Drop the gradients of `params` (set them to None)."""
     for param in params:
         param.grad = None
 
