@@ -140,18 +140,13 @@ class RelayedService:
 
     async def start(self, timeout: float = 30.0) -> str:
         """Serve, then return the relayed endpoint to announce."""
-        try:
-            self.p2p = await start_p2p(identity_path=self.identity_path, relays=self.relays)
-        except P2PDaemonError as exc:  # p2pd exits when it can reach none of its relays
-            raise RelayUnavailableError(
-                f"could not reach any relay ({', '.join(self.relays)}): {' '.join(str(exc).split())}"
-            ) from None
+        deadline = time.monotonic() + timeout
+        self.p2p = await self._start_daemon(deadline)
         for method, handle in serve_over_p2p(
             self.servicer, swarm_key=self.swarm_key, max_message_bytes=self.max_message_bytes
         ).items():
             await self.p2p.add_protobuf_handler(method.path, handle, P2PRequest)
         self._probe = await start_p2p()
-        deadline = time.monotonic() + timeout
         while True:
             endpoint = await self._first_reachable()
             if endpoint is not None:
@@ -163,6 +158,22 @@ class RelayedService:
                     "check that they run `dmoe dht` (which relays) and are reachable from here"
                 )
             await asyncio.sleep(0.5)
+
+    async def _start_daemon(self, deadline: float, attempts: int = 3) -> P2P:
+        """Start the data-plane daemon; p2pd exits when it reaches none of its relays, so try again a few times."""
+        attempt = 1
+        while True:
+            try:
+                return await start_p2p(identity_path=self.identity_path, relays=self.relays)
+            except P2PDaemonError as exc:
+                reason = " ".join(str(exc).split())
+                if attempt >= attempts or time.monotonic() + attempt >= deadline:
+                    raise RelayUnavailableError(
+                        f"could not reach any relay ({', '.join(self.relays)}): {reason}"
+                    ) from None
+                logger.warning("could not reach a relay (%s); trying again in %d s", reason, attempt)
+                await asyncio.sleep(attempt)
+                attempt += 1
 
     async def _first_reachable(self, skip: str | None = None) -> str | None:
         for relay in self.relays:

@@ -8,6 +8,7 @@ per-connection byte limit is used up, and security parity (swarm key, per-client
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 
@@ -20,7 +21,7 @@ from dht import DHTNode
 from dht.libp2p import check_libp2p_endpoint, is_relayed, transport_of
 from dht.records import check_endpoint
 from peer import Peer
-from peer.p2p_service import P2PCallContext, serve_over_p2p
+from peer.p2p_service import P2PCallContext, RelayUnavailableError, serve_over_p2p
 from peer.security import ClientLimiter
 from proto import Method, decode_info_response, encode_info_request
 from proto.dmoe.v1.p2p_pb2 import P2PRequest
@@ -151,6 +152,21 @@ def test_the_per_client_rate_limit_applies_to_relayed_callers(relay):
         outcomes = calls(scenario)
     assert outcomes[:2] == ["ok", "ok"], outcomes
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in outcomes[2:], outcomes
+
+
+def test_a_private_peer_whose_relays_do_not_answer_fails_with_one_line(relay):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    dead_relay = f"/ip4/127.0.0.1/tcp/{dead_port}/p2p/{relay.peer_id}"
+    started = time.monotonic()
+    with pytest.raises(RelayUnavailableError, match="could not reach any relay") as failure:
+        with running_peer(
+            announce=True, initial_peers=relay.visible_maddrs(), relays=[dead_relay], reachability="private"
+        ):
+            pass
+    assert "\n" not in str(failure.value) and dead_relay in str(failure.value)
+    assert time.monotonic() - started < 45, "it gave up within the start timeout"
 
 
 def test_relayed_callers_are_told_apart_by_their_authenticated_peer_id():
