@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -130,8 +132,20 @@ def _adam_step(members: list[tuple[torch.optim.Adam, dict]]) -> None:
     max_exp_avg_sqs: list[torch.Tensor] = []
     state_steps: list[torch.Tensor] = []
     has_complex = False
-    for optimizer, group in members:  # creates missing state as Adam.step would
-        has_complex |= optimizer._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    for optimizer, group in members:
+        lists = _adam_lists(optimizer, group)
+        if lists is None:  # creates missing state as Adam.step would
+            has_complex |= optimizer._init_group(
+                group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
+            )
+            continue
+        params += lists.params
+        grads += [p.grad for p in lists.params]
+        exp_avgs += lists.exp_avgs
+        exp_avg_sqs += lists.exp_avg_sqs
+        max_exp_avg_sqs += lists.max_exp_avg_sqs
+        state_steps += lists.state_steps
+        has_complex |= lists.has_complex
     group = members[0][1]
     beta1, beta2 = group["betas"]
     fused = all(p.device.type in _FUSED_DEVICES and p.dtype in _FUSED_DTYPES for p in params)
@@ -155,6 +169,48 @@ def _adam_step(members: list[tuple[torch.optim.Adam, dict]]) -> None:
             eps=group["eps"],
             maximize=group["maximize"],
         )
+
+
+@dataclass(slots=True, eq=False)
+class _AdamLists:
+    """One Adam optimizer's per-parameter state tensors, in the order `_init_group` lists them."""
+
+    state: dict
+    group_params: list
+    params: list[torch.Tensor]
+    exp_avgs: list[torch.Tensor]
+    exp_avg_sqs: list[torch.Tensor]
+    max_exp_avg_sqs: list[torch.Tensor]
+    state_steps: list[torch.Tensor]
+    has_complex: bool
+
+
+_adam_lists_of: weakref.WeakKeyDictionary[torch.optim.Adam, _AdamLists] = weakref.WeakKeyDictionary()
+
+
+def _adam_lists(optimizer: torch.optim.Adam, group: dict) -> _AdamLists | None:
+    """The state lists of `optimizer`'s one group, remembered from the last step while they still hold: the same
+    state and parameter objects (`load_state_dict` replaces both), every parameter with a gradient and a state.
+    None when they must be (re)built by `_init_group`; they are built and remembered here for the next step."""
+    group_params = group["params"]
+    cached = _adam_lists_of.get(optimizer)
+    if (
+        cached is not None
+        and cached.state is optimizer.state
+        and cached.group_params is group_params
+        and len(cached.params) == len(group_params)
+        and all(p.grad is not None for p in group_params)
+    ):
+        return cached
+    _adam_lists_of.pop(optimizer, None)
+    if not all(p.grad is not None for p in group_params):
+        return None
+    lists = _AdamLists(optimizer.state, group_params, [], [], [], [], [], False)
+    lists.has_complex = optimizer._init_group(
+        group, lists.params, [], lists.exp_avgs, lists.exp_avg_sqs, lists.max_exp_avg_sqs, lists.state_steps
+    )
+    _adam_lists_of[optimizer] = lists
+    return lists
 
 
 def _listless(value):
