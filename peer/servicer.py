@@ -18,10 +18,12 @@ from peer.replica_state import ExpertState
 from peer.security import ClientLimiter
 from proto import (
     DEFAULT_DEADLINE,
+    MAX_BATCH_PARTS,
     SERVICE_NAME,
     SUPPORTED_DTYPES,
     ExpertStatus,
     Method,
+    PackedBatch,
     Part,
     PartFailure,
     StreamedRequest,
@@ -34,6 +36,7 @@ from proto import (
     decode_tensor,
     encode_batch_response,
     encode_info_response,
+    encode_packed_response,
     encode_response,
     encode_state,
     encode_stream_response,
@@ -98,6 +101,7 @@ class ExpertServicer:
         self.max_message_bytes = max_message_bytes
         self.peer_id = peer_id
         self.closing = False
+        self._row_elements: int | None = None
         self.state_source: Callable[[str, int], Awaitable[ExpertState | None]] | None = None
         """Where GetState reads an expert's state: `peer.replica_sync.ReplicaSync.state` (None: refused)."""
         self.calls: dict[str, int] = {method.value: 0 for method in Method}
@@ -190,7 +194,12 @@ class ExpertServicer:
         """Every part is checked and queued right away, in order, then all are awaited together: the experts of
         one batch become ready in one event-loop tick and are computed in one pass (`peer.compute`)."""
         try:
-            parts = _decoded(decode_batch_request, request, "dmoe.v1.ExpertRequestBatch")
+            batch = _decoded(decode_batch_request, request, "dmoe.v1.ExpertRequestBatch")
+            if isinstance(batch, PackedBatch):
+                packed, finite = self._unpacked(batch, backward)
+                parts = list(zip(batch.uids, packed, batch.forward_ids, strict=True))
+            else:
+                parts = [(part.uid, part.parts, part.forward_id) for part in batch]
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
         client = self.limiter.client_of(context)
@@ -198,9 +207,14 @@ class ExpertServicer:
         results: list[list[torch.Tensor] | PartFailure | None] = [None] * len(parts)
         queued: dict[int, asyncio.Future] = {}
         try:
-            for index, part in enumerate(parts):
+            for index, (uid, tensors, forward_id) in enumerate(parts):
                 try:
-                    queued[index] = self._enqueue(part.uid, part.parts, client, deadline, backward, part.forward_id)
+                    if isinstance(batch, PackedBatch):
+                        queued[index] = self._enqueue_decoded(
+                            uid, tensors, client, deadline, backward, forward_id, finite
+                        )
+                    else:
+                        queued[index] = self._enqueue(uid, tensors, client, deadline, backward, forward_id)
                 except RequestError as exc:
                     results[index] = PartFailure(exc.code, str(exc))
             if queued:
@@ -208,13 +222,51 @@ class ExpertServicer:
                     outcomes = await asyncio.gather(*queued.values(), return_exceptions=True)
                 for (index, _), outcome in zip(queued.items(), outcomes, strict=True):
                     if isinstance(outcome, BaseException):
-                        failure = _refusal(parts[index].uid, outcome)
+                        failure = _refusal(parts[index][0], outcome)
                         outcome = PartFailure(failure.code, str(failure))
                     results[index] = outcome
         finally:
             for _ in queued:
                 self.limiter.release(client)
-        return encode_batch_response(results, compressions=[part.response_compression for part in parts])
+        if isinstance(batch, PackedBatch):
+            return encode_packed_response(_packable_results(results), compression=batch.response_compression)
+        return encode_batch_response(results, compressions=[part.response_compression for part in batch])
+
+    def _unpacked(self, batch: PackedBatch, backward: bool) -> tuple[list[list[torch.Tensor]], bool]:
+        """Each part's tensors of a packed batch (views of its decoded tensors), and whether all of them are
+        finite (always True for a forward: only a backward's are checked)."""
+        rows = sum(batch.sizes)
+        if rows > MAX_BATCH_PARTS * self.max_batch_size:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a packed batch of {rows} tokens is too large")
+        tensors = []
+        for index, part in enumerate(batch.parts):
+            shape = tuple(part.shape)
+            if not shape or shape[0] != rows:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"packed tensor {index} has shape {list(shape)} for {rows} rows"
+                )
+            if math.prod(shape[1:]) > self._largest_row_elements():
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"packed tensor {index} has rows of shape {list(shape[1:])}, larger than any expert here takes",
+                )
+            try:
+                tensors.append(decode_tensor(part, max_elements=rows * math.prod(shape[1:])))
+            except TensorDecodeError as exc:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"packed tensor {index}: {exc}") from None
+        finite = not backward or all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+        return batch.split(tensors), finite
+
+    def _largest_row_elements(self) -> int:
+        """The most elements one token of any argument of any hosted expert has."""
+        if self._row_elements is None:
+            specs = [
+                spec
+                for expert in self.experts.values()
+                for spec in (*expert.backend.input_specs, *expert.backend.output_specs)
+            ]
+            self._row_elements = max((math.prod(spec.shape) for spec in specs), default=0)
+        return self._row_elements
 
     def _stream_limit(self, uid: str) -> int:
         expert = self.experts.get(uid)
@@ -251,6 +303,22 @@ class ExpertServicer:
         Raises `RequestError` for a refusal; an admitted request holds a slot of `client` in the limiter until
         the caller releases it (only when this returns).
         """
+        return self._admit(uid, messages, client, deadline, backward, forward_id, decoded=False, finite=False)
+
+    def _enqueue_decoded(
+        self,
+        uid: str,
+        tensors: list[torch.Tensor],
+        client: tuple[str, str],
+        deadline: float,
+        backward: bool,
+        forward_id: int,
+        finite: bool,
+    ) -> asyncio.Future:
+        """`_enqueue` for a part of a packed batch: its tensors decoded already (`finite`: checked for NaN/Inf)."""
+        return self._admit(uid, tensors, client, deadline, backward, forward_id, decoded=True, finite=finite)
+
+    def _admit(self, uid, messages, client, deadline, backward, forward_id, *, decoded: bool, finite: bool):
         if self.closing:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "peer is shutting down; use another replica")
         self.requests["backward" if backward else "forward"] += 1
@@ -263,8 +331,12 @@ class ExpertServicer:
                 raise RequestError(grpc.StatusCode.NOT_FOUND, f"this peer does not host expert {uid!r}")
             backend = expert.backend
             specs = backend.input_specs + (backend.output_specs if backward else ())
-            tensors = self._decode(uid, messages, specs)
-            if backward and not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+            tensors = self._check_decoded(uid, messages, specs) if decoded else self._decode(uid, messages, specs)
+            if (
+                backward
+                and not finite
+                and not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+            ):
                 backend.updates_skipped += 1
                 raise RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"inputs or gradients for {uid} contain NaN/Inf; update refused"
@@ -316,6 +388,30 @@ class ExpertServicer:
             except TensorDecodeError as exc:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"tensor {index} for {uid}: {exc}") from None
             tensors.append(tensor)
+        return tensors
+
+    def _check_decoded(self, uid: str, tensors: list[torch.Tensor], specs: tuple[ArgSpec, ...]) -> list[torch.Tensor]:
+        """The checks `_decode` makes, for the tensors of a packed part (decoded already, one batch size)."""
+        if len(tensors) != len(specs):
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"expert {uid} expects {len(specs)} tensors, got {len(tensors)}"
+            )
+        for index, (tensor, spec) in enumerate(zip(tensors, specs, strict=True)):
+            if tensor.shape[1:] != spec.shape:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"tensor {index} for {uid} has shape {list(tensor.shape)}, expected {['batch', *spec.shape]}",
+                )
+            if tensor.dtype != spec.dtype:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"tensor {index} for {uid} has dtype {tensor.dtype}, expected {spec.dtype}",
+                )
+        if tensors[0].shape[0] > self.max_batch_size:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request has {tensors[0].shape[0]} tokens; this peer takes at most {self.max_batch_size} per request",
+            )
         return tensors
 
     async def _info(self, request: bytes, context) -> bytes:
@@ -383,6 +479,21 @@ def _refusal(uid: str, exc: BaseException) -> RequestError:
     if isinstance(exc, asyncio.CancelledError):
         return RequestError(grpc.StatusCode.UNAVAILABLE, f"expert {uid} stopped before computing this request")
     return RequestError(grpc.StatusCode.INTERNAL, f"expert {uid} failed: {exc!r}")
+
+
+def _packable_results(results: list) -> list:
+    """`results` with the answers that cannot join the others' packed outputs (another number, dtype or shape of
+    tensors: an expert class that answers unlike its peers) turned into failures."""
+    answers = [result for result in results if not isinstance(result, PartFailure)]
+    if not answers:
+        return results
+    kinds = [(t.dtype, t.shape[1:]) for t in answers[0]]
+    return [
+        result
+        if isinstance(result, PartFailure) or [(t.dtype, t.shape[1:]) for t in result] == kinds
+        else PartFailure(grpc.StatusCode.INTERNAL, "this expert's outputs differ from the other parts'; call it alone")
+        for result in results
+    ]
 
 
 def _decoded(decode: Callable, raw: bytes, message: str):

@@ -18,15 +18,19 @@ from proto import (
     MAX_BATCH_PARTS,
     SWARM_KEY_METADATA,
     Method,
+    PartFailure,
     TensorDecodeError,
     decode_batch_response,
+    decode_packed_response,
     decode_response,
     decode_stream_response,
     encode_batch_request,
+    encode_packed_request,
     encode_request,
     encode_stream_request,
     fits_one_message,
     open_channel,
+    packable,
     stream_chunk_bytes,
 )
 from router_client.p2p_channel import P2PChannel, P2PChannels
@@ -102,6 +106,7 @@ class ExpertTransport:
         self._methods: dict[tuple[str, Method], grpc.aio.UnaryUnaryMultiCallable] = {}
         self._open_batches: dict[tuple[str, bool], _Batch] = {}
         self._no_batches: set[str] = set()  # peers that answered UNIMPLEMENTED to ForwardMany
+        self._no_packing: set[str] = set()  # peers that refused a packed ForwardMany (INVALID_ARGUMENT)
         self._sending: set[asyncio.Task] = set()
         self.p2p = P2PChannels()
         """The libp2p side: its daemon starts on the first call to a libp2p endpoint."""
@@ -310,16 +315,19 @@ class ExpertTransport:
     async def _batch_call(
         self, endpoint: str, requests: list[tuple[str, list[torch.Tensor], int]], backward: bool, timeout: float
     ) -> list[list[torch.Tensor] | ExpertCallError]:
-        """One ForwardMany/BackwardMany call: per request its outputs or its error (a peer that does not know the
-        method gets one call per request, and is remembered)."""
+        """One ForwardMany/BackwardMany call, packed when the parts allow (`proto.batches`): per request its
+        outputs or its error. A peer that does not know the method gets one call per request, one that refuses
+        packed batches gets them unpacked; both are remembered."""
         uids = [uid for uid, _, _ in requests]
+        packed = endpoint not in self._no_packing and packable(requests)
         try:
-            request = encode_batch_request(
-                requests, compression=self.compression, response_compression=self.compression
-            )
+            codes = {"compression": self.compression, "response_compression": self.compression}
+            encode = encode_packed_request if packed else encode_batch_request
+            request = encode(requests, **codes)
             method = self._unary(endpoint, Method.many(backward))
             raw = await method(request, timeout=timeout, metadata=self.metadata)
-            results = decode_batch_response(raw, len(requests))
+            results = decode_packed_response(raw, [int(t[0].shape[0]) for _, t, _ in requests]) if packed else None
+            parts = None if packed else decode_batch_response(raw, len(requests))
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a peer from before batches: one call per request
                 self._no_batches.add(endpoint)
@@ -331,12 +339,23 @@ class ExpertTransport:
                     )
                 )
                 return outcomes
+            if packed and exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "requests, got 0" in (exc.details() or ""):
+                # a peer from before packed batches, which sees a batch of no (unpacked) parts
+                self._no_packing.add(endpoint)
+                return await self._batch_call(endpoint, requests, backward, timeout)
             reason = f"{exc.code().name}: {exc.details()}"
             return [ExpertCallError(endpoint, uid, reason, exc.code()) for uid in uids]
         except Exception as exc:  # a malformed answer, or anything unexpected: every part fails with it
             return [ExpertCallError(endpoint, uid, f"malformed answer: {exc}") for uid in uids]
+        if results is not None:
+            return [
+                ExpertCallError(endpoint, uid, f"{result.code.name}: {result.message}", result.code)
+                if isinstance(result, PartFailure)
+                else result
+                for uid, result in zip(uids, results, strict=True)
+            ]
         outcomes = []
-        for uid, result in zip(uids, results, strict=True):
+        for uid, result in zip(uids, parts, strict=True):
             if result.failure is not None:
                 code, message = result.failure.code, result.failure.message
                 outcomes.append(ExpertCallError(endpoint, uid, f"{code.name}: {message}", code))

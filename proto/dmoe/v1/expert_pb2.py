@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto.dmoe.v1 import tensor_pb2 as proto_dot_dmoe_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aproto/dmoe/v1/expert.proto\x12\x07\x64moe.v1\x1a\x1aproto/dmoe/v1/tensor.proto\"\x86\x01\n\rExpertRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12 \n\x07tensors\x18\x02 \x03(\x0b\x32\x0f.dmoe.v1.Tensor\x12\x32\n\x14response_compression\x18\x03 \x01(\x0e\x32\x14.dmoe.v1.Compression\x12\x12\n\nforward_id\x18\x04 \x01(\x04\"2\n\x0e\x45xpertResponse\x12 \n\x07tensors\x18\x01 \x03(\x0b\x32\x0f.dmoe.v1.Tensor\">\n\x12\x45xpertRequestBatch\x12(\n\x08requests\x18\x01 \x03(\x0b\x32\x16.dmoe.v1.ExpertRequest\"X\n\x0c\x45xpertResult\x12)\n\x08response\x18\x01 \x01(\x0b\x32\x17.dmoe.v1.ExpertResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"=\n\x13\x45xpertResponseBatch\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.dmoe.v1.ExpertResult\"\x1a\n\x0bInfoRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\":\n\nTensorSpec\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1d\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0e.dmoe.v1.DType\"n\n\x08LoadInfo\x12\x12\n\nqueue_size\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_second\x18\x02 \x01(\x01\x12\x19\n\x11\x62\x61tches_processed\x18\x03 \x01(\x04\x12\x18\n\x10requests_expired\x18\x04 \x01(\x04\"\xf8\x01\n\nExpertInfo\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x12\n\nexpert_cls\x18\x02 \x01(\t\x12#\n\x06inputs\x18\x03 \x03(\x0b\x32\x13.dmoe.v1.TensorSpec\x12$\n\x07outputs\x18\x04 \x03(\x0b\x32\x13.dmoe.v1.TensorSpec\x12\x16\n\x0enum_parameters\x18\x05 \x01(\x04\x12\x14\n\x0cupdate_count\x18\x06 \x01(\x04\x12\x1f\n\x04load\x18\x07 \x01(\x0b\x32\x11.dmoe.v1.LoadInfo\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x17\n\x0fupdates_skipped\x18\t \x01(\x04\"E\n\x0cInfoResponse\x12$\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x13.dmoe.v1.ExpertInfo\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\"*\n\x0cStateRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"Q\n\nStateChunk\x12\x14\n\x0cupdate_count\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1f\n\x06tensor\x18\x03 \x01(\x0b\x32\x0f.dmoe.v1.Tensor2\x99\x04\n\rExpertService\x12:\n\x07\x46orward\x12\x16.dmoe.v1.ExpertRequest\x1a\x17.dmoe.v1.ExpertResponse\x12;\n\x08\x42\x61\x63kward\x12\x16.dmoe.v1.ExpertRequest\x1a\x17.dmoe.v1.ExpertResponse\x12\x44\n\rForwardStream\x12\x16.dmoe.v1.ExpertRequest\x1a\x17.dmoe.v1.ExpertResponse(\x01\x30\x01\x12\x45\n\x0e\x42\x61\x63kwardStream\x12\x16.dmoe.v1.ExpertRequest\x1a\x17.dmoe.v1.ExpertResponse(\x01\x30\x01\x12H\n\x0b\x46orwardMany\x12\x1b.dmoe.v1.ExpertRequestBatch\x1a\x1c.dmoe.v1.ExpertResponseBatch\x12I\n\x0c\x42\x61\x63kwardMany\x12\x1b.dmoe.v1.ExpertRequestBatch\x1a\x1c.dmoe.v1.ExpertResponseBatch\x12\x33\n\x04Info\x12\x14.dmoe.v1.InfoRequest\x1a\x15.dmoe.v1.InfoResponse\x12\x38\n\x08GetState\x12\x15.dmoe.v1.StateRequest\x1a\x13.dmoe.v1.StateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aproto/dmoe/v1/expert.proto\x12\x07\x64moe.v1\x1a\x1aproto/dmoe/v1/tensor.proto\"\x86\x01\n\rExpertRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12 \n\x07tensors\x18\x02 \x03(\x0b\x32\x0f.dmoe.v1.Tensor\x12\x32\n\x14response_compression\x18\x03 \x01(\x0e\x32\x14.dmoe.v1.Compression\x12\x12\n\nforward_id\x18\x04 \x01(\x04\"2\n\x0e\x45xpertResponse\x12 \n\x07tensors\x18\x01 \x03(\x0b\x32\x0f.dmoe.v1.Tensor\"g\n\x12\x45xpertRequestBatch\x12(\n\x08requests\x18\x01 \x03(\x0b\x32\x16.dmoe.v1.ExpertRequest\x12\'\n\x06packed\x18\x02 \x01(\x0b\x32\x17.dmoe.v1.PackedRequests\"\x98\x01\n\x0ePackedRequests\x12\x0c\n\x04uids\x18\x01 \x03(\t\x12\r\n\x05sizes\x18\x02 \x03(\r\x12\x13\n\x0b\x66orward_ids\x18\x03 \x03(\x04\x12 \n\x07tensors\x18\x04 \x03(\x0b\x32\x0f.dmoe.v1.Tensor\x12\x32\n\x14response_compression\x18\x05 \x01(\x0e\x32\x14.dmoe.v1.Compression\"X\n\x0c\x45xpertResult\x12)\n\x08response\x18\x01 \x01(\x0b\x32\x17.dmoe.v1.ExpertResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"e\n\x13\x45xpertResponseBatch\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.dmoe.v1.ExpertResult\x12&\n\x06packed\x18\x02 \x01(\x0b\x32\x16.dmoe.v1.PackedResults\"R\n\rPackedResults\x12\r\n\x05\x63odes\x18\x01 \x03(\x05\x12\x10\n\x08messages\x18\x02 \x03(\t\x12 \n\x07tensors\x18\x03 \x03(\x0b\x32\x0f.dmoe.v1.Tensor\"\x1a\n\x0bInfoRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\":\n\nTensorSpec\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1d\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0e.dmoe.v1.DType\"n\n\x08LoadInfo\x12\x12\n\nqueue_size\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_second\x18\x02 \x01(\x01\x12\x19\n\x11\x62\x61tches_processed\x18\x03 \x01(\x04\x12\x18\n\x10requests_expired\x18\x04 \x01(\x04\"\xf8\x01\n\nExpertInfo\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x12\n\nexpert_cls\x18\x02 \x01(\t\x12#\n\x06inputs\x18\x03 \x03(\x0b\x32\x13.dmoe.v1.TensorSpec\x12$\n\x07outputs\x18\x04 \x03(\x0b\x32\x13.dmoe.v1.TensorSpec\x12\x16\n\x0enum_parameters\x18\x05 \x01(\x04\x12\x14\n\x0cupdate_count\x18\x06 \x01(\x04\x12\x1f\n\x04load\x18\x07 \x01(\x0b\x32\x11.dmoe.v1.LoadInfo\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x17\n\x0fupdates_skipped\x18\t \x01(\x04\"E\n\x0cInfoResponse\x12$\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x13.dmoe.v1.ExpertInfo\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\"*\n\x0cStateRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"Q\n\nStateChunk\x12\x14\n\x0cupdate_count\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1f\n\x06tensor\x18\x03 \x01(\x0b\x32\x0f.dmoe.v1.Tensor2\x99\x04\n\rExpertService\x12:\n\x07\x46orward\x12\x16.dmoe.v1.ExpertRequest\x1a\x17.dmoe.v1.ExpertResponse\x12;\n\x08\x42\x61\x63kward\x12\x16.dmoe.v1.ExpertRequest\x1a\x17.dmoe.v1.ExpertResponse\x12\x44\n\rForwardStream\x12\x16.dmoe.v1.ExpertRequest\x1a\x17.dmoe.v1.ExpertResponse(\x01\x30\x01\x12\x45\n\x0e\x42\x61\x63kwardStream\x12\x16.dmoe.v1.ExpertRequest\x1a\x17.dmoe.v1.ExpertResponse(\x01\x30\x01\x12H\n\x0b\x46orwardMany\x12\x1b.dmoe.v1.ExpertRequestBatch\x1a\x1c.dmoe.v1.ExpertResponseBatch\x12I\n\x0c\x42\x61\x63kwardMany\x12\x1b.dmoe.v1.ExpertRequestBatch\x1a\x1c.dmoe.v1.ExpertResponseBatch\x12\x33\n\x04Info\x12\x14.dmoe.v1.InfoRequest\x1a\x15.dmoe.v1.InfoResponse\x12\x38\n\x08GetState\x12\x15.dmoe.v1.StateRequest\x1a\x13.dmoe.v1.StateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,25 +37,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPERTRESPONSE']._serialized_start=204
   _globals['_EXPERTRESPONSE']._serialized_end=254
   _globals['_EXPERTREQUESTBATCH']._serialized_start=256
-  _globals['_EXPERTREQUESTBATCH']._serialized_end=318
-  _globals['_EXPERTRESULT']._serialized_start=320
-  _globals['_EXPERTRESULT']._serialized_end=408
-  _globals['_EXPERTRESPONSEBATCH']._serialized_start=410
-  _globals['_EXPERTRESPONSEBATCH']._serialized_end=471
-  _globals['_INFOREQUEST']._serialized_start=473
-  _globals['_INFOREQUEST']._serialized_end=499
-  _globals['_TENSORSPEC']._serialized_start=501
-  _globals['_TENSORSPEC']._serialized_end=559
-  _globals['_LOADINFO']._serialized_start=561
-  _globals['_LOADINFO']._serialized_end=671
-  _globals['_EXPERTINFO']._serialized_start=674
-  _globals['_EXPERTINFO']._serialized_end=922
-  _globals['_INFORESPONSE']._serialized_start=924
-  _globals['_INFORESPONSE']._serialized_end=993
-  _globals['_STATEREQUEST']._serialized_start=995
-  _globals['_STATEREQUEST']._serialized_end=1037
-  _globals['_STATECHUNK']._serialized_start=1039
-  _globals['_STATECHUNK']._serialized_end=1120
-  _globals['_EXPERTSERVICE']._serialized_start=1123
-  _globals['_EXPERTSERVICE']._serialized_end=1660
+  _globals['_EXPERTREQUESTBATCH']._serialized_end=359
+  _globals['_PACKEDREQUESTS']._serialized_start=362
+  _globals['_PACKEDREQUESTS']._serialized_end=514
+  _globals['_EXPERTRESULT']._serialized_start=516
+  _globals['_EXPERTRESULT']._serialized_end=604
+  _globals['_EXPERTRESPONSEBATCH']._serialized_start=606
+  _globals['_EXPERTRESPONSEBATCH']._serialized_end=707
+  _globals['_PACKEDRESULTS']._serialized_start=709
+  _globals['_PACKEDRESULTS']._serialized_end=791
+  _globals['_INFOREQUEST']._serialized_start=793
+  _globals['_INFOREQUEST']._serialized_end=819
+  _globals['_TENSORSPEC']._serialized_start=821
+  _globals['_TENSORSPEC']._serialized_end=879
+  _globals['_LOADINFO']._serialized_start=881
+  _globals['_LOADINFO']._serialized_end=991
+  _globals['_EXPERTINFO']._serialized_start=994
+  _globals['_EXPERTINFO']._serialized_end=1242
+  _globals['_INFORESPONSE']._serialized_start=1244
+  _globals['_INFORESPONSE']._serialized_end=1313
+  _globals['_STATEREQUEST']._serialized_start=1315
+  _globals['_STATEREQUEST']._serialized_end=1357
+  _globals['_STATECHUNK']._serialized_start=1359
+  _globals['_STATECHUNK']._serialized_end=1440
+  _globals['_EXPERTSERVICE']._serialized_start=1443
+  _globals['_EXPERTSERVICE']._serialized_end=1980
 # @@protoc_insertion_point(module_scope)

@@ -26,10 +26,26 @@ class ExpertResponse(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
 
 class ExpertRequestBatch(_message.Message):
-    __slots__ = ("requests",)
+    __slots__ = ("requests", "packed")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[ExpertRequest]
-    def __init__(self, requests: _Optional[_Iterable[_Union[ExpertRequest, _Mapping]]] = ...) -> None: ...
+    packed: PackedRequests
+    def __init__(self, requests: _Optional[_Iterable[_Union[ExpertRequest, _Mapping]]] = ..., packed: _Optional[_Union[PackedRequests, _Mapping]] = ...) -> None: ...
+
+class PackedRequests(_message.Message):
+    __slots__ = ("uids", "sizes", "forward_ids", "tensors", "response_compression")
+    UIDS_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_IDS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    uids: _containers.RepeatedScalarFieldContainer[str]
+    sizes: _containers.RepeatedScalarFieldContainer[int]
+    forward_ids: _containers.RepeatedScalarFieldContainer[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    response_compression: _tensor_pb2.Compression
+    def __init__(self, uids: _Optional[_Iterable[str]] = ..., sizes: _Optional[_Iterable[int]] = ..., forward_ids: _Optional[_Iterable[int]] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., response_compression: _Optional[_Union[_tensor_pb2.Compression, str]] = ...) -> None: ...
 
 class ExpertResult(_message.Message):
     __slots__ = ("response", "code", "message")
@@ -42,10 +58,22 @@ class ExpertResult(_message.Message):
     def __init__(self, response: _Optional[_Union[ExpertResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ExpertResponseBatch(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "packed")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ExpertResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[ExpertResult, _Mapping]]] = ...) -> None: ...
+    packed: PackedResults
+    def __init__(self, results: _Optional[_Iterable[_Union[ExpertResult, _Mapping]]] = ..., packed: _Optional[_Union[PackedResults, _Mapping]] = ...) -> None: ...
+
+class PackedResults(_message.Message):
+    __slots__ = ("codes", "messages", "tensors")
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    codes: _containers.RepeatedScalarFieldContainer[int]
+    messages: _containers.RepeatedScalarFieldContainer[str]
+    tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    def __init__(self, codes: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ("uid",)
