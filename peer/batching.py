@@ -189,11 +189,15 @@ class BatchingQueue:
             self.stats.record_batch(num_tokens)
             if self.on_batch is not None:
                 self.on_batch(num_tokens, seconds)
-            offset = 0
-            for task in batch:
-                if not task.future.done():
-                    task.future.set_result([t[offset : offset + task.num_tokens] for t in value])
-                offset += task.num_tokens
+            if len(batch) == 1:  # one request (as an expert of a big grid mostly gets): its outputs whole
+                if not batch[0].future.done():
+                    batch[0].future.set_result(list(value))
+            else:
+                offset = 0
+                for task in batch:
+                    if not task.future.done():
+                        task.future.set_result([t[offset : offset + task.num_tokens] for t in value])
+                    offset += task.num_tokens
         else:  # the expert failed: each request of this batch gets the error
             logger.error("expert %s failed on a batch of %d requests", self.name, len(batch), exc_info=value)
             for task in batch:

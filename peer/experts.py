@@ -151,15 +151,34 @@ def _padded(inputs: list[list[torch.Tensor]]) -> torch.Tensor:
 
 def _batched_linear(x: torch.Tensor, layers: list[nn.Linear]) -> torch.Tensor:
     """Each expert's `nn.Linear` on its rows of `x` ([experts, tokens, in]): one batched matmul."""
-    weight = torch.stack([layer.weight for layer in layers]).transpose(1, 2)
+    weight = _stacked([layer.weight for layer in layers]).transpose(1, 2)
     if layers[0].bias is None:
         return torch.bmm(x, weight)
-    return torch.baddbmm(torch.stack([layer.bias for layer in layers]).unsqueeze(1), x, weight)
+    return torch.baddbmm(_stacked([layer.bias for layer in layers]).unsqueeze(1), x, weight)
 
 
 def _batched_layer_norm(x: torch.Tensor, norms: list[nn.LayerNorm]) -> torch.Tensor:
     """Each expert's `nn.LayerNorm` on its rows of `x` ([experts, tokens, hidden])."""
     normed = nn.functional.layer_norm(x, norms[0].normalized_shape, eps=norms[0].eps)
-    weight = torch.stack([norm.weight for norm in norms]).unsqueeze(1)
-    bias = torch.stack([norm.bias for norm in norms]).unsqueeze(1)
+    weight = _stacked([norm.weight for norm in norms]).unsqueeze(1)
+    bias = _stacked([norm.bias for norm in norms]).unsqueeze(1)
     return torch.addcmul(bias, normed, weight)
+
+
+def _stacked(params: list[torch.Tensor]) -> torch.Tensor:
+    """The experts' `params` (one per expert) stacked. Under autograd it is a leaf of its own whose gradient each
+    parameter's ``.grad`` receives its row of, as a graph through every parameter would accumulate it, but at one
+    autograd node for all of them instead of one per parameter."""
+    with torch.no_grad():
+        stacked = torch.stack(params)
+    if torch.is_grad_enabled() and params[0].requires_grad:
+        stacked.requires_grad_()
+        stacked.register_hook(lambda grad: _hand_out(params, grad))
+    return stacked
+
+
+def _hand_out(params: list[torch.Tensor], grad: torch.Tensor) -> None:
+    # in the layout of the parameters, as autograd's own accumulation gives it: the gradient of a transposed use
+    # arrives transposed, and the fused optimizers read a gradient as if it had its parameter's strides
+    for param, row in zip(params, grad.contiguous().unbind(0), strict=True):
+        param.grad = row if param.grad is None else param.grad + row
