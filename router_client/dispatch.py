@@ -435,6 +435,7 @@ class Dispatcher:
         if not self.check_outputs:
             return problems
         screened: list[int] = []  # answers whose first output is screened through its norm
+        checked: list[tuple[int, torch.Tensor]] = []  # the other floating outputs, checked for NaN/Inf together
         for index, outputs in enumerate(answers):
             if isinstance(outputs, Exception):
                 continue
@@ -447,12 +448,12 @@ class Dispatcher:
                 continue
             first = outputs[0] if outputs else None
             screened_here = not backward and first is not None and first.is_floating_point() and first.dim() > 1
-            for tensor in outputs[1:] if screened_here else outputs:
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    problems[index] = AnomalousAnswerError(f"answer of {uid} contains NaN or Inf")
-                    break
-            if screened_here and problems[index] is None and first.numel():
+            checked += [(index, t) for t in (outputs[1:] if screened_here else outputs) if t.is_floating_point()]
+            if screened_here and first.numel():
                 screened.append(index)
+        for index in _non_finite(checked):
+            problems[index] = AnomalousAnswerError(f"answer of {uids[index]} contains NaN or Inf")
+        screened = [index for index in screened if problems[index] is None]
         norms = _mean_token_norms([answers[index][0] for index in screened])
         for index, norm in zip(screened, norms, strict=True):
             problems[index] = self._judge_norm(uids[index], norm)
@@ -470,6 +471,13 @@ class Dispatcher:
         seen += 1
         self._mean_norms[uid] = (seen, mean + (norm - mean) / min(seen, 100))
         return None
+
+
+def _non_finite(tensors: list[tuple[int, torch.Tensor]]) -> set[int]:
+    """The indices of the tensors holding NaN/Inf: one check of them all, then one per tensor only if it fails."""
+    if not tensors or bool(torch.isfinite(torch.cat([t.reshape(-1) for _, t in tensors])).all()):
+        return set()
+    return {index for index, tensor in tensors if not bool(torch.isfinite(tensor).all())}
 
 
 @dataclass
