@@ -25,6 +25,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "DEFAULT_DEADLINE",
         "DEFAULT_MAX_MESSAGE_BYTES",
         "HEALTH_SERVICE",
+        "LEGACY_BATCH_PARTS",
         "MAX_BATCH_PARTS",
         "OPEN_SERVICES",
         "SERVICE_NAME",

@@ -15,6 +15,7 @@ from proto import (
     COALESCE_BYTES,
     COMPRESSION_NONE,
     DEFAULT_MAX_MESSAGE_BYTES,
+    LEGACY_BATCH_PARTS,
     MAX_BATCH_PARTS,
     SWARM_KEY_METADATA,
     Method,
@@ -205,15 +206,19 @@ class ExpertTransport:
             return False
         return _size(tensors) <= min(self.coalesce_bytes, self._batch_bytes(endpoint))
 
+    def _max_parts(self, endpoint: str) -> int:
+        """Most parts in one ForwardMany/BackwardMany to `endpoint` (fewer for a peer from before packing)."""
+        return LEGACY_BATCH_PARTS if endpoint in self._no_packing else MAX_BATCH_PARTS
+
     def _batch_bytes(self, endpoint: str) -> int:
         """Most tensor bytes in one ForwardMany/BackwardMany to `endpoint` (room left for the encoding)."""
         return int(self._message_limit(endpoint) * 0.8)
 
     def _batches(self, endpoint: str, indices: list[int], sizes: list[int]) -> list[list[int]]:
-        """`indices` cut into batches of at most `MAX_BATCH_PARTS` parts and `_batch_bytes(endpoint)` bytes."""
-        cap, batches, current, total = self._batch_bytes(endpoint), [], [], 0
+        """`indices` cut into batches of at most `_max_parts(endpoint)` parts and `_batch_bytes(endpoint)` bytes."""
+        cap, parts, batches, current, total = self._batch_bytes(endpoint), self._max_parts(endpoint), [], [], 0
         for index, size in zip(indices, sizes, strict=True):
-            if current and (len(current) >= MAX_BATCH_PARTS or total + size > cap):
+            if current and (len(current) >= parts or total + size > cap):
                 batches.append(current)
                 current, total = [], 0
             current.append(index)
@@ -266,7 +271,10 @@ class ExpertTransport:
         key = (endpoint, backward)
         batch = self._open_batches.get(key)
         size = _size(tensors)
-        if batch is None or len(batch.parts) >= MAX_BATCH_PARTS or batch.size + size > self._batch_bytes(endpoint):
+        full = batch is not None and (
+            len(batch.parts) >= self._max_parts(endpoint) or batch.size + size > self._batch_bytes(endpoint)
+        )
+        if batch is None or full:
             batch = self._open_batches[key] = _Batch(endpoint, backward)
             asyncio.get_running_loop().call_soon(self._flush, key, batch)
         future = asyncio.get_running_loop().create_future()
@@ -342,7 +350,9 @@ class ExpertTransport:
             if packed and exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "requests, got 0" in (exc.details() or ""):
                 # a peer from before packed batches, which sees a batch of no (unpacked) parts
                 self._no_packing.add(endpoint)
-                return await self._batch_call(endpoint, requests, backward, timeout)
+                chunks = [requests[i : i + LEGACY_BATCH_PARTS] for i in range(0, len(requests), LEGACY_BATCH_PARTS)]
+                answers = await asyncio.gather(*(self._batch_call(endpoint, c, backward, timeout) for c in chunks))
+                return [outcome for answer in answers for outcome in answer]
             reason = f"{exc.code().name}: {exc.details()}"
             return [ExpertCallError(endpoint, uid, reason, exc.code()) for uid in uids]
         except Exception as exc:  # a malformed answer, or anything unexpected: every part fails with it

@@ -15,6 +15,7 @@ import torch
 
 from proto import (
     COMPRESSION_FLOAT16,
+    LEGACY_BATCH_PARTS,
     MAX_BATCH_PARTS,
     PackedBatch,
     PartFailure,
@@ -161,6 +162,7 @@ def test_the_transport_packs_a_peers_parts_and_unpacks_them_for_a_peer_from_befo
             requests = [(f"ffn.{i}", [torch.randn(i + 1, 16)], 0) for i in range(3)] + [
                 ("ffn.7", [torch.randn(2, 16)], 0)
             ]
+            requests += [(f"ffn.{i % 3}", [torch.randn(1, 16)], 0) for i in range(LEGACY_BATCH_PARTS)]  # two old calls
 
             def answers():
                 return loop.run(transport.call_many(peer.endpoint, requests, backward=False, timeout=10))
@@ -175,17 +177,19 @@ def test_the_transport_packs_a_peers_parts_and_unpacks_them_for_a_peer_from_befo
 
                 raise RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request is not a valid dmoe.v1.ExpertRequestBatch: a batch holds 1 to {MAX_BATCH_PARTS} "
+                    f"request is not a valid dmoe.v1.ExpertRequestBatch: a batch holds 1 to {LEGACY_BATCH_PARTS} "
                     "requests, got 0",
                 )
 
             peer.servicer._unpacked = refuse_like_an_old_peer
             unpacked = answers()
-            assert peer.endpoint in transport._no_packing and peer.servicer.calls["ForwardMany"] == 3
-            for before, after in zip(packed[:3], unpacked[:3], strict=True):
+            # the refused packed call, then the parts unpacked in calls an old peer accepts
+            assert peer.endpoint in transport._no_packing and peer.servicer.calls["ForwardMany"] == 4
+            assert isinstance(unpacked[3], ExpertCallError) and unpacked[3].code == grpc.StatusCode.NOT_FOUND
+            for before, after in zip(packed[:3] + packed[4:], unpacked[:3] + unpacked[4:], strict=True):
                 torch.testing.assert_close(before[0], after[0])
             answers()
-            assert peer.servicer.calls["ForwardMany"] == 4, "remembered: no packed call again"
+            assert peer.servicer.calls["ForwardMany"] == 6, "remembered: no packed call again"
             loop.run(transport.close())
     finally:
         loop.close()
