@@ -41,7 +41,8 @@ def test_quick_bench_writes_every_json_with_its_fields(tmp_path):
         timeout=640,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    failures = [block for block in proc.stderr.split("== ")[1:] if " FAILED:" in block.splitlines()[0]]
+    assert proc.returncode == 0, "\n".join(failures)[-8000:] or proc.stdout[-3000:] + proc.stderr[-6000:]
     for name, fields in FIELDS.items():
         result = json.loads((out / f"{name}.json").read_text())
         assert result["benchmark"] == name

@@ -59,7 +59,10 @@ def test_a_cold_forward_costs_one_dht_round_trip_per_grid_level_and_a_warm_one_n
         moe = RemoteMixtureOfExperts(HIDDEN, (4, 4), "ffn", 2, dht=directory, cache_ttl=60.0)
         with torch.no_grad():
             moe(torch.randn(32, HIDDEN))
-            assert moe.index.lookups["waited"] == 2, "the root prefix, then every row the beams reached, at once"
+            # the root prefix, then every row the beams reached, at once; the rows' read-ahead, which starts when
+            # the root arrives, may bring them first on a loaded machine: then only the root was waited for
+            cold = moe.index.lookups["waited"]
+            assert cold in (1, 2), moe.index.lookups
             # in the background: the rows nobody needed yet are read ahead, and the first look (the DHT's first
             # copies, fast) is completed by a full read once `recheck` passed
             time.sleep(1.5)
@@ -68,7 +71,7 @@ def test_a_cold_forward_costs_one_dht_round_trip_per_grid_level_and_a_warm_one_n
             rounds = directory.stats.dht_rounds
             for _ in range(5):
                 moe(torch.randn(32, HIDDEN))
-        assert moe.index.lookups["waited"] == 2 and directory.stats.dht_rounds == rounds, "warm: no DHT read at all"
+        assert moe.index.lookups["waited"] == cold and directory.stats.dht_rounds == rounds, "warm: no DHT read at all"
         assert moe.index.num_known == 16 and moe.stats["masked_tokens"] == 0
 
 
