@@ -195,7 +195,8 @@ class ExpertServicer:
         one batch become ready in one event-loop tick and are computed in one pass (`peer.compute`)."""
         try:
             batch = _decoded(decode_batch_request, request, "dmoe.v1.ExpertRequestBatch")
-            if isinstance(batch, PackedBatch):
+            is_packed, finite = isinstance(batch, PackedBatch), False
+            if is_packed:
                 packed, finite = self._unpacked(batch, backward)
                 parts = list(zip(batch.uids, packed, batch.forward_ids, strict=True))
             else:
@@ -209,12 +210,9 @@ class ExpertServicer:
         try:
             for index, (uid, tensors, forward_id) in enumerate(parts):
                 try:
-                    if isinstance(batch, PackedBatch):
-                        queued[index] = self._enqueue_decoded(
-                            uid, tensors, client, deadline, backward, forward_id, finite
-                        )
-                    else:
-                        queued[index] = self._enqueue(uid, tensors, client, deadline, backward, forward_id)
+                    queued[index] = self._enqueue(
+                        uid, tensors, client, deadline, backward, forward_id, decoded=is_packed, finite=finite
+                    )
                 except RequestError as exc:
                     results[index] = PartFailure(exc.code, str(exc))
             if queued:
@@ -228,7 +226,7 @@ class ExpertServicer:
         finally:
             for _ in queued:
                 self.limiter.release(client)
-        if isinstance(batch, PackedBatch):
+        if is_packed:
             return encode_packed_response(_packable_results(results), compression=batch.response_compression)
         return encode_batch_response(results, compressions=[part.response_compression for part in batch])
 
@@ -292,33 +290,21 @@ class ExpertServicer:
     def _enqueue(
         self,
         uid: str,
-        messages: list[Part],
+        messages: list[Part] | list[torch.Tensor],
         client: tuple[str, str],
         deadline: float,
         backward: bool,
         forward_id: int,
+        *,
+        decoded: bool = False,
+        finite: bool = False,
     ) -> asyncio.Future:
-        """Admit, check and decode one expert request and queue it: the future of its outputs.
+        """Admit, check and decode one expert request and queue it: the future of its outputs. With `decoded`,
+        `messages` are the tensors of a packed part, decoded already (`finite`: checked for NaN/Inf already).
 
         Raises `RequestError` for a refusal; an admitted request holds a slot of `client` in the limiter until
         the caller releases it (only when this returns).
         """
-        return self._admit(uid, messages, client, deadline, backward, forward_id, decoded=False, finite=False)
-
-    def _enqueue_decoded(
-        self,
-        uid: str,
-        tensors: list[torch.Tensor],
-        client: tuple[str, str],
-        deadline: float,
-        backward: bool,
-        forward_id: int,
-        finite: bool,
-    ) -> asyncio.Future:
-        """`_enqueue` for a part of a packed batch: its tensors decoded already (`finite`: checked for NaN/Inf)."""
-        return self._admit(uid, tensors, client, deadline, backward, forward_id, decoded=True, finite=finite)
-
-    def _admit(self, uid, messages, client, deadline, backward, forward_id, *, decoded: bool, finite: bool):
         if self.closing:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "peer is shutting down; use another replica")
         self.requests["backward" if backward else "forward"] += 1

@@ -59,6 +59,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "encode_response",
     ),
     "proto.batches": (
+        "NotPackableError",
         "PackedBatch",
         "PartFailure",
         "PartResult",

@@ -91,6 +91,10 @@ def encode_batch_request(
     return b"".join(out)
 
 
+class NotPackableError(ValueError):
+    """Parts that cannot travel packed (see `packable`): they go as an ordinary batch."""
+
+
 @dataclass(slots=True)
 class PackedBatch:
     """A decoded packed ``ExpertRequestBatch``: per part its uid, batch size and forward id, and per argument the
@@ -134,13 +138,14 @@ def encode_packed_request(
     """The wire bytes of a packed ``ExpertRequestBatch`` of the parts ``(uid, tensors, forward_id)``, which must be
     `packable`: each argument's tensors joined into one. Byte for byte what protobuf writes.
 
-    Raises ``ValueError`` for no parts or more than `MAX_BATCH_PARTS`, parts that are not packable, a
-    ``forward_id`` outside uint64 or a ``response_compression`` outside int32, and what `serialize_tensor` raises.
+    Raises `NotPackableError` (a ``ValueError``) for parts that are not packable, ``ValueError`` for no parts or
+    more than `MAX_BATCH_PARTS`, a ``forward_id`` outside uint64 or a ``response_compression`` outside int32, and
+    what `serialize_tensor` raises.
     """
     if not 0 < len(requests) <= MAX_BATCH_PARTS:
         raise ValueError(f"a batch holds 1 to {MAX_BATCH_PARTS} requests, got {len(requests)}")
     if not packable(requests):
-        raise ValueError("packed parts must agree on their tensors' dtypes and dimensions but the batch size")
+        raise NotPackableError("packed parts must agree on their tensors' dtypes and dimensions but the batch size")
     if not -(1 << 31) <= response_compression < (1 << 31):
         raise ValueError(f"response_compression must be an int32 enum value, got {response_compression}")
     forward_ids = [forward_id for _, _, forward_id in requests]

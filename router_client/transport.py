@@ -19,6 +19,7 @@ from proto import (
     MAX_BATCH_PARTS,
     SWARM_KEY_METADATA,
     Method,
+    NotPackableError,
     PartFailure,
     TensorDecodeError,
     decode_batch_response,
@@ -31,7 +32,6 @@ from proto import (
     encode_stream_request,
     fits_one_message,
     open_channel,
-    packable,
     stream_chunk_bytes,
 )
 from router_client.p2p_channel import P2PChannel, P2PChannels
@@ -327,11 +327,16 @@ class ExpertTransport:
         outputs or its error. A peer that does not know the method gets one call per request, one that refuses
         packed batches gets them unpacked; both are remembered."""
         uids = [uid for uid, _, _ in requests]
-        packed = endpoint not in self._no_packing and packable(requests)
+        packed = endpoint not in self._no_packing
         try:
             codes = {"compression": self.compression, "response_compression": self.compression}
-            encode = encode_packed_request if packed else encode_batch_request
-            request = encode(requests, **codes)
+            try:
+                request = (
+                    encode_packed_request(requests, **codes) if packed else encode_batch_request(requests, **codes)
+                )
+            except NotPackableError:
+                packed = False
+                request = encode_batch_request(requests, **codes)
             method = self._unary(endpoint, Method.many(backward))
             raw = await method(request, timeout=timeout, metadata=self.metadata)
             results = decode_packed_response(raw, [int(t[0].shape[0]) for _, t, _ in requests]) if packed else None
